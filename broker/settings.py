@@ -1,0 +1,106 @@
+"""Typed settings that refuse to start a broker that would be unsafe.
+
+Values come from ``BROKER_*`` environment variables (or keyword arguments in tests).
+Outside demo mode the broker refuses: a missing or group/world-readable signing key,
+the demo key, an unreadable policy directory, or an access-token lifetime over 15 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+DEMO_STATE_DIR_NAME = "mdt-broker-demo"
+
+
+class SourceConfig(BaseModel):
+    """One source system the broker reads from."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    kind: str = "fhir"
+    base_url: str | None = None
+    data_dir: Path | None = None
+    identifier_system: str
+    default_categories: list[str] = Field(default_factory=lambda: ["general-health"])
+    resource_types: list[str] = Field(default_factory=list)
+    timeout: float = Field(default=5.0, gt=0, le=60)
+    max_pages: int = Field(default=50, ge=1, le=1000)
+
+
+class Settings(BaseSettings):
+    """Everything the broker needs to run; validated at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="forbid")
+
+    mode: Literal["production", "demo"] = "production"
+    database_url: str
+    public_url: str = Field(description="Base URL agency systems use, e.g. https://broker.county.example")
+    issuer: str = Field(description="The iss claim of access tokens the broker issues")
+    audience: str = "mdt-broker"
+    signing_key_file: Path
+    access_token_ttl_seconds: int = Field(default=600, ge=30, le=900)
+    client_assertion_max_age_seconds: int = Field(default=300, ge=30, le=900)
+    clock_skew_seconds: int = Field(default=30, ge=0, le=120)
+    external_jwks_url: str | None = None
+    external_issuer: str | None = None
+    external_audience: str | None = None
+    policy_dir: Path = REPO_POLICY_DIR
+    sources: list[SourceConfig] = Field(default_factory=list)
+    sources_file: Path | None = None
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_count: int = Field(default=200, ge=1, le=1000)
+    log_level: str = "INFO"
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    otel_endpoint: str | None = None
+
+    @field_validator("public_url", "issuer")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> "Settings":
+        key = self.signing_key_file
+        if not key.is_file() or not os.access(key, os.R_OK):
+            raise ValueError(f"signing_key_file {key} is missing or unreadable")
+        if not self.policy_dir.is_dir() or not os.access(self.policy_dir, os.R_OK):
+            raise ValueError(f"policy_dir {self.policy_dir} is missing or unreadable")
+        for name in ("model.conf", "policy.csv", "vocabulary.yaml"):
+            f = self.policy_dir / name
+            if not f.is_file() or not os.access(f, os.R_OK):
+                raise ValueError(f"policy file {f} is missing or unreadable")
+        if self.mode != "demo":
+            if DEMO_STATE_DIR_NAME in key.resolve().parts:
+                raise ValueError("the demo signing key may not be used outside demo mode")
+            if key.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ValueError(f"signing_key_file {key} must not be readable by group or others")
+            if not self.public_url.startswith("https://") and not _is_loopback(self.public_url):
+                raise ValueError("public_url must be https outside demo mode")
+        if self.external_jwks_url and not (self.external_issuer and self.external_audience):
+            raise ValueError("external_jwks_url needs external_issuer and external_audience")
+        if self.sources_file is not None:
+            data = yaml.safe_load(self.sources_file.read_text()) or {}
+            self.sources = [SourceConfig.model_validate(s) for s in data.get("sources", [])]
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError("source names must be unique")
+        return self
+
+    @property
+    def token_endpoint(self) -> str:
+        """The URL client assertions must name as their audience (RFC 7523 section 3)."""
+        return f"{self.public_url}/oauth/token"
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1"}
