@@ -1,0 +1,1 @@
+"""HTTP routes: thin, each one hands its request to the pipeline."""

@@ -1,0 +1,144 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import text
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker import __version__
+from broker.errors import install_handlers, outcome_response
+from broker.pipeline import Pipeline
+from broker.runtime import Runtime, build_runtime
+from broker.settings import Settings
+
+BODY_SCHEMAS = ("YouthIn", "MdtIn", "MembershipIn")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = self.limit + 1
+                if declared > self.limit:
+                    await outcome_response(413, "too-costly", "request body too large")(scope, receive, send)
+                    return
+        seen = 0
+        too_large = False
+
+        async def limited() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    too_large = True
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await outcome_response(413, "too-costly", "request body too large")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class SecurityHeaders:
+    """Headers every response carries; no server banner."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+                headers += [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app; with a runtime given (tests), use it as is."""
+    from broker.api import fhir, health, oauth
+    from broker.observability import configure_logging, configure_tracing
+    from broker.registry import views as registry_views
+
+    if runtime is None:
+        assert settings is not None
+        runtime = build_runtime(settings)
+    settings = runtime.settings
+    configure_logging(settings.log_level)
+    configure_tracing(settings.otel_exporter, settings.otel_endpoint)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        await runtime.aclose()
+
+    app = FastAPI(title="mdt-broker", version=__version__, lifespan=lifespan,
+                  docs_url="/docs" if settings.mode == "demo" else None, redoc_url=None,
+                  description="Consent-aware information-sharing broker for CSEC multidisciplinary teams.")
+    app.state.runtime = runtime
+    app.state.pipeline = Pipeline(runtime)
+    install_handlers(app)
+    app.include_router(health.router)
+    app.include_router(oauth.router)
+    app.include_router(registry_views.router)
+    app.include_router(fhir.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, including bodies the pipeline parses itself."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from broker.registry import schemas
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in BODY_SCHEMAS:
+        model = getattr(schemas, name)
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for def_name, definition in schema.pop("$defs", {}).items():
+            components.setdefault(def_name, definition)
+        components[name] = schema
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+    doc["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+def readiness(runtime: Runtime) -> JSONResponse:
+    """Ready when the database answers."""
+    try:
+        with runtime.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready", "policy_version": runtime.policy.version})

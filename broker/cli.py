@@ -1,0 +1,161 @@
+"""The ``broker`` command: serve, demo, token, db upgrade, audit verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _settings_from_env():  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from broker.settings import Settings
+
+    try:
+        return Settings()  # type: ignore[call-arg]
+    except ValidationError as err:
+        # Field names and messages only: settings values may be secrets.
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ())) or "settings"
+            print(f"configuration error: {loc}: {e.get('msg')}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker with settings from BROKER_* environment variables."""
+    import uvicorn
+
+    from broker.app import create_app
+    from broker.store.db import upgrade
+
+    settings = _settings_from_env()
+    if args.migrate:
+        upgrade(settings.database_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, server_header=False, access_log=False,
+                log_config=None)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Seed and run the demo on SQLite with the synthetic FHIR source."""
+    import uvicorn
+
+    from broker import demo
+    from broker.app import create_app
+
+    directory = demo.state_dir()
+    demo.ensure_keys(directory)
+    settings = demo.demo_settings(directory, host=args.host, port=args.port)
+    demo.seed(settings, directory)
+    app = create_app(settings)
+    print(demo.banner(settings), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, server_header=False, access_log=False, log_config=None)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a demo access token for a seeded person (demo mode only)."""
+    from broker import demo
+
+    directory = demo.state_dir()
+    if not (directory / "broker.pem").exists():
+        print("no demo state: run the demo first", file=sys.stderr)
+        return 2
+    settings = demo.demo_settings(directory, host=args.host, port=args.port)
+    try:
+        print(demo.mint_token(settings, args.alias, args.purpose))
+    except KeyError:
+        print(f"unknown demo person: {args.alias}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    """Apply database migrations."""
+    from broker.store.db import upgrade
+
+    upgrade(_settings_from_env().database_url)
+    print("database is at the latest revision")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Recompute the audit hash chain; exit 1 at the first broken event."""
+    from broker.audit.verify import format_report, verify_chain
+    from broker.store.db import make_engine, make_sessionmaker
+
+    if args.demo:
+        from broker import demo
+
+        url = demo.demo_settings(demo.state_dir()).database_url
+    elif args.database_url:
+        url = args.database_url
+    else:
+        url = _settings_from_env().database_url
+    engine = make_engine(url)
+    try:
+        report = verify_chain(make_sessionmaker(engine), from_seq=args.from_seq)
+    finally:
+        engine.dispose()
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_openapi(_args: argparse.Namespace) -> int:
+    """Print the OpenAPI document."""
+    from broker.openapi_doc import main as print_openapi
+
+    print_openapi()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by tests)."""
+    parser = argparse.ArgumentParser(prog="broker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the broker (settings from BROKER_* variables)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--migrate", action="store_true", help="apply migrations first")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="run the demo (SQLite, synthetic data, dev clients)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(func=cmd_demo)
+
+    token = sub.add_parser("token", help="print a demo access token")
+    token.add_argument("--as", dest="alias", default="po", help="cw, po, mh, sud, phn, da, le or admin")
+    token.add_argument("--purpose", default=None, help="bind a purpose of use into the token")
+    token.add_argument("--host", default="127.0.0.1")
+    token.add_argument("--port", type=int, default=8000)
+    token.set_defaults(func=cmd_token)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_up = db_sub.add_parser("upgrade", help="apply migrations")
+    db_up.set_defaults(func=cmd_db_upgrade)
+
+    openapi = sub.add_parser("openapi", help="print the OpenAPI document")
+    openapi.set_defaults(func=cmd_openapi)
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="verify the hash chain")
+    verify.add_argument("--from", dest="from_seq", type=int, default=1)
+    verify.add_argument("--database-url", default=None)
+    verify.add_argument("--demo", action="store_true", help="verify the demo database")
+    verify.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Errors the API returns, always as a FHIR OperationOutcome and never with a stack trace.
+
+Diagnostics are fixed, human-readable strings chosen by the code that raises: they
+never echo request values, record content or identifiers.
+"""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+FHIR_JSON = "application/fhir+json"
+
+
+class BrokerError(Exception):
+    """An error with an HTTP status and a FHIR issue type, safe to show to the caller."""
+
+    status = 500
+    code = "exception"
+
+    def __init__(self, diagnostics: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(diagnostics)
+        self.diagnostics = diagnostics
+        self.headers = headers or {}
+
+
+class BadRequest(BrokerError):
+    status, code = 400, "invalid"
+
+
+class NotSupported(BrokerError):
+    status, code = 400, "not-supported"
+
+
+class Unauthorized(BrokerError):
+    status, code = 401, "login"
+
+    def __init__(self, diagnostics: str = "a valid access token is required", *, error: str = "invalid_token"):
+        super().__init__(diagnostics, headers={"WWW-Authenticate": f'Bearer error="{error}"'})
+
+
+class Forbidden(BrokerError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(BrokerError):
+    status, code = 404, "not-found"
+
+
+class Conflict(BrokerError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(BrokerError):
+    status, code = 413, "too-costly"
+
+
+class Unprocessable(BrokerError):
+    status, code = 422, "invalid"
+
+
+class Unavailable(BrokerError):
+    status, code = 503, "transient"
+
+
+# One 403 text for every "not a member / no such MDT / no such youth" so nothing can be probed.
+NO_ACCESS = "you do not have access to this team"
+
+
+def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict:
+    """A minimal FHIR R4 OperationOutcome."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
+    }
+
+
+def outcome_response(status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None) -> Response:
+    """Serialize an OperationOutcome response."""
+    return Response(orjson.dumps(operation_outcome(code, diagnostics)), status_code=status,
+                    media_type=FHIR_JSON, headers=headers)
+
+
+def error_response(err: BrokerError) -> Response:
+    """The response for a BrokerError."""
+    return outcome_response(err.status, err.code, err.diagnostics, err.headers)
+
+
+async def _broker_error_handler(_request: Request, exc: BrokerError) -> Response:
+    return error_response(exc)
+
+
+async def _validation_handler(_request: Request, exc: RequestValidationError) -> Response:
+    # Name the fields but never echo the submitted values.
+    fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body" for e in exc.errors()})
+    return outcome_response(400, "invalid", "invalid request: " + ", ".join(fields)[:300])
+
+
+async def _http_handler(_request: Request, exc: StarletteHTTPException) -> Response:
+    code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.status_code, "processing")
+    text = {404: "no such route", 405: "method not allowed", 413: "request body too large"}.get(
+        exc.status_code, "request failed")
+    return outcome_response(exc.status_code, code, text, getattr(exc, "headers", None))
+
+
+async def _unhandled(_request: Request, exc: Exception) -> Response:
+    import structlog
+
+    structlog.get_logger("broker.errors").error("unhandled_error", error_type=type(exc).__name__)
+    return outcome_response(500, "exception", "internal error")
+
+
+def install_handlers(app) -> None:  # type: ignore[no-untyped-def]
+    """Register the handlers that turn every failure into an OperationOutcome."""
+    app.add_exception_handler(BrokerError, _broker_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unhandled)

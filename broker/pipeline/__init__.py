@@ -1,0 +1,374 @@
+"""The one place that runs a request through the stages, in order.
+
+authenticate → resolve context → establish grounds → decide → fetch → classify and
+filter → label → audit → respond. Routes call only ``Pipeline``; stages do not call
+each other. Any exception in a stage becomes a deny (403), a clean 4xx, or a 503 —
+never data — and every request is audited, durably, before its response is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from pydantic import BaseModel, ValidationError
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker.domain import DecisionSet, Grounds, Principal, RequestContext
+from broker.errors import (
+    FHIR_JSON,
+    NO_ACCESS,
+    BadRequest,
+    BrokerError,
+    Forbidden,
+    NotFound,
+    NotSupported,
+    Unauthorized,
+    error_response,
+    outcome_response,
+)
+from broker.observability import stage_span
+from broker.pipeline.exchange import Exchange
+from broker.pipeline.filtering import filter_resources
+from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
+from broker.registry import service as registry
+from connectors.base import SourceQuery, SourceTimeout
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
+
+log = structlog.get_logger("broker.pipeline")
+PURPOSE_HEADER = "x-purpose-of-use"
+OBLIGATION_NOTICE_URL = "https://mdt-broker.example.org/StructureDefinition/obligation-notice"
+
+
+class Pipeline:
+    """Runs requests; safe for concurrent use (holds no per-request state)."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.rt = runtime
+
+    # ---- the frame every audited request runs in -------------------------------------
+
+    async def run(self, request: Request, *, action: str, route: str,
+                  handler: Callable[[Exchange], Awaitable[Response]], mdt_id: str | None = None) -> Response:
+        """Authenticate, run ``handler``, audit the outcome, and only then return the response."""
+        ex = Exchange.start(action=action, method=request.method, route=route)
+        ex.mdt_id = mdt_id
+        ex.policy_version = self.rt.policy.version
+        started = time.perf_counter()
+        with stage_span("request", action=action, route=route) as span:
+            ex.trace_id = _trace_id(span)
+            try:
+                ex.principal = await self._authenticate(request)
+                response = await handler(ex)
+            except BrokerError as err:
+                ex.error = type(err).__name__
+                response = error_response(err)
+            except Exception as err:  # fail closed: nothing from a failed stage is released
+                ex.error = type(err).__name__
+                log.error("stage_failed", error_type=type(err).__name__, request_id=ex.request_id)
+                response = outcome_response(503, "transient", "the broker could not complete the request")
+            response = await self._audit(ex, response)
+        response.headers["X-Request-Id"] = ex.request_id
+        p = ex.principal
+        log.info("request", request_id=ex.request_id, trace_id=ex.trace_id, route=route, method=request.method,
+                 status=response.status_code, client_id=p.client_id if p else None,
+                 agency=p.agency if p else None, role=p.role if p else None, purpose=ex.purpose,
+                 categories_allowed=sorted(ex.decisions.allowed_categories()) if ex.decisions else None,
+                 categories_withheld=sorted(ex.withheld_categories) or None,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        return response
+
+    async def _authenticate(self, request: Request) -> Principal:
+        with stage_span("authenticate"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthorized("a bearer access token is required", error="invalid_request")
+            from broker.auth.tokens import AuthError
+
+            try:
+                return await self.rt.verifier.averify(token.strip())
+            except AuthError:
+                raise Unauthorized() from None
+
+    async def _audit(self, ex: Exchange, response: Response) -> Response:
+        with stage_span("audit"):
+            event = ex.audit_event(response.status_code)
+            try:
+                outcome = await to_thread.run_sync(self.rt.audit.append, event)
+            except Exception as err:
+                log.error("audit_write_failed", error_type=type(err).__name__, request_id=ex.request_id)
+                return outcome_response(503, "transient", "the broker could not record this request; "
+                                        "nothing was released")
+            log.debug("audited", audit_seq=outcome.sequence, request_id=ex.request_id)
+            return response
+
+    # ---- data routes --------------------------------------------------------------------
+
+    async def fhir_search(self, request: Request, *, mdt_id: str, resource_type: str) -> Response:
+        """``GET /mdts/{id}/fhir/{type}``: a searchset of what the requester may see."""
+
+        async def handler(ex: Exchange) -> Response:
+            search = self._parse(request, ex, resource_type)
+            bundle = await self._search(request, ex, search, resource_type)
+            return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
+
+        return await self.run(request, action="fhir.search", route="/mdts/{id}/fhir/{type}",
+                              handler=handler, mdt_id=mdt_id)
+
+    async def fhir_read(self, request: Request, *, mdt_id: str, resource_type: str, resource_id: str) -> Response:
+        """``GET /mdts/{id}/fhir/{type}/{rid}``: one resource, or the same 404 as if it did not exist."""
+
+        async def handler(ex: Exchange) -> Response:
+            if not RESOURCE_ID.match(resource_id):
+                raise BadRequest("malformed resource id")
+            self._check_type(resource_type)
+            ex.resource_type = resource_type
+            purpose = self._purpose(request, ex)
+            del purpose
+            search = SearchRequest(params=(("_id", resource_id),), count=1, offset=0)
+            bundle = await self._search(request, ex, search, resource_type)
+            entries = bundle.get("entry") or []
+            if not entries:
+                raise NotFound("resource not found")
+            return Response(orjson.dumps(entries[0]["resource"]), media_type=FHIR_JSON)
+
+        return await self.run(request, action="fhir.read", route="/mdts/{id}/fhir/{type}/{rid}",
+                              handler=handler, mdt_id=mdt_id)
+
+    def _check_type(self, resource_type: str) -> None:
+        if not RESOURCE_TYPE.match(resource_type) or resource_type not in self.rt.resource_types:
+            raise NotSupported("unsupported resource type")
+
+    def _parse(self, request: Request, ex: Exchange, resource_type: str) -> SearchRequest:
+        self._check_type(resource_type)
+        ex.resource_type = resource_type
+        self._purpose(request, ex)
+        return parse_search(list(request.query_params.multi_items()), max_count=self.rt.settings.max_count)
+
+    def _purpose(self, request: Request, ex: Exchange) -> str:
+        """The purpose of use from the header or the token; both present must agree."""
+        header = request.headers.get(PURPOSE_HEADER)
+        claimed = ex.principal.purpose if ex.principal else None
+        if header and claimed and header != claimed:
+            raise BadRequest("the purpose of use in the header differs from the one in the token")
+        purpose = header or claimed
+        if not purpose:
+            raise BadRequest("a purpose of use is required (X-Purpose-Of-Use header or purpose_of_use claim)")
+        if purpose not in self.rt.vocabulary.purposes:
+            raise BadRequest("unknown purpose of use")
+        ex.purpose = purpose
+        return purpose
+
+    async def _search(self, request: Request, ex: Exchange, search: SearchRequest, resource_type: str) -> dict:
+        ctx = await self._context(ex)
+        grounds = self._grounds(ex, ctx)
+        decisions = self._decide(ex, ctx, grounds)
+        allowed = decisions.allowed_categories()
+        results = await self._fetch(ex, ctx, search, resource_type, allowed)
+        with stage_span("filter"):
+            outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed)
+        ex.withheld_categories.update(outcome.withheld_categories)
+        ex.redactions.extend(outcome.redactions)
+        if outcome.foreign_dropped:
+            ex.detail["foreign_items_dropped"] = outcome.foreign_dropped
+        window = outcome.released[search.offset: search.offset + search.count]
+        page: list[dict] = []
+        page_categories: set[str] = set()
+        with stage_span("label"):
+            for resource, categories in window:
+                ex.obligations.update(self.rt.labeller.label(resource, categories))
+                page_categories.update(categories)
+                page.append(resource)
+        ex.released_categories = page_categories
+        ex.released_count = len(page)
+        return self._bundle(request, ex, resource_type, search, page, page_categories,
+                            has_more=len(outcome.released) > search.offset + search.count)
+
+    async def _context(self, ex: Exchange) -> RequestContext:
+        """Resolve youth, MDT and the requester's active membership; anything amiss is the one 403."""
+        assert ex.principal is not None and ex.mdt_id is not None and ex.purpose is not None
+        principal, mdt_id, purpose = ex.principal, ex.mdt_id, ex.purpose
+        now = datetime.now(timezone.utc)
+
+        def load() -> RequestContext | None:
+            with self.rt.sessions() as session:
+                mdt = registry.load_mdt(session, mdt_id)
+                if mdt is None:
+                    return None
+                membership = registry.active_membership(session, mdt=mdt, principal=principal, now=now)
+                if membership is None:
+                    return None
+                return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
+                                      youth_id=mdt.youth_id, purpose=purpose, now=now, membership=membership,
+                                      links=registry.youth_links(session, youth_id=mdt.youth_id))
+
+        with stage_span("context"):
+            ctx = await to_thread.run_sync(load)
+        if ctx is None:
+            raise Forbidden(NO_ACCESS)
+        ex.youth_id = ctx.youth_id
+        return ctx
+
+    def _grounds(self, ex: Exchange, ctx: RequestContext) -> Grounds:
+        with stage_span("grounds"):
+            grounds = self.rt.grounds.resolve(ctx)
+        ex.grounds = grounds
+        return grounds
+
+    def _decide(self, ex: Exchange, ctx: RequestContext, grounds: Grounds) -> DecisionSet:
+        with stage_span("decide"):
+            decisions = self.rt.policy.decide_all(role=ctx.principal.role, categories=self.rt.categories,
+                                                  purpose=ctx.purpose, grounds=grounds.items)
+        ex.decisions = decisions
+        ex.policy_version = decisions.policy_version
+        return decisions
+
+    async def _fetch(self, ex: Exchange, ctx: RequestContext, search: SearchRequest, resource_type: str,
+                     allowed: frozenset[str]) -> list[tuple[dict, str, frozenset[str]]]:
+        """Ask, in parallel, only the sources whose every item could be released."""
+        jobs = []
+        for link in ctx.links:
+            connector = self.rt.connectors.get(link.source)
+            if connector is None or link.system != connector.identifier_system:
+                continue
+            if connector.resource_types and resource_type not in connector.resource_types:
+                continue
+            if not connector.default_categories <= allowed:
+                continue
+            query = SourceQuery(resource_type=resource_type, patient_id=link.value, params=search.params)
+            jobs.append((connector, link.value, query))
+
+        async def one(connector: Any, patient_id: str, query: SourceQuery) -> tuple[str, list[dict]]:
+            timeout = self.rt.source_timeouts.get(connector.name, 5.0)
+            with stage_span("fetch", source=connector.name) as span:
+                try:
+                    items = await connector.search(query, timeout=timeout)
+                    return "ok", items
+                except SourceTimeout:
+                    _set_status(span, "timeout")
+                    return "timeout", []
+                except Exception as err:  # any source failure is that source's status, never a 500
+                    _set_status(span, "unavailable")
+                    log.warning("source_failed", source=connector.name, error_type=type(err).__name__,
+                                request_id=ex.request_id)
+                    return "unavailable", []
+
+        results = await asyncio.gather(*(one(c, pid, q) for c, pid, q in jobs))
+        items: list[tuple[dict, str, frozenset[str]]] = []
+        for (connector, patient_id, _q), (status, found) in zip(jobs, results):
+            ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
+            items.extend((r, patient_id, connector.default_categories) for r in found)
+        return items
+
+    def _bundle(self, request: Request, ex: Exchange, resource_type: str, search: SearchRequest,
+                page: list[dict], categories: set[str], *, has_more: bool) -> dict:
+        """A searchset Bundle with no total and nothing that hints at withheld items."""
+        base = f"{self.rt.settings.public_url}/mdts/{ex.mdt_id}/fhir"
+        query = "&".join(f"{k}={v}" for k, v in search.params)
+        self_url = f"{base}/{resource_type}" + (f"?{query}" if query else "")
+        links = [{"relation": "self", "url": self_url}]
+        if has_more:
+            sep = "&" if query else ""
+            links.append({"relation": "next", "url": f"{base}/{resource_type}?{query}{sep}"
+                                                      f"_count={search.count}&_offset={search.offset + search.count}"})
+        bundle: dict = {
+            "resourceType": "Bundle",
+            "id": ex.request_id,
+            "meta": {"lastUpdated": _now_iso(), "security": self.rt.labeller.bundle_security(categories)},
+            "type": "searchset",
+            "link": links,
+        }
+        entries = [{"fullUrl": f"{base}/{r.get('resourceType')}/{r.get('id')}", "resource": r,
+                    "search": {"mode": "match"}} for r in page]
+        for s in ex.sources:
+            if s["status"] != "ok":
+                entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [{
+                    "severity": "warning", "code": "transient" if s["status"] == "unavailable" else "timeout",
+                    "diagnostics": f"source {s['source']} {'did not answer in time' if s['status'] == 'timeout' else 'is unavailable'}"}]},
+                    "search": {"mode": "outcome"}})
+        if entries:
+            bundle["entry"] = entries
+        notices = self.rt.labeller.obligation_notices(self.rt.labeller.summarize(categories)[2])
+        if notices:
+            bundle["meta"]["extension"] = [{"url": OBLIGATION_NOTICE_URL, "valueString": n["text"]}
+                                           for n in notices if n["text"]]
+        return bundle
+
+    # ---- registry routes --------------------------------------------------------------
+
+    async def registry_call(self, request: Request, *, action: str, route: str,
+                            fn: Callable[..., Any], status_code: int = 200, mdt_id: str | None = None,
+                            youth_id: str | None = None, body_model: type[BaseModel] | None = None) -> Response:
+        """Run a registry operation in a worker thread, audited like every data request.
+
+        ``fn(session, principal, now)`` or, with ``body_model``, ``fn(session, principal, now, body)``.
+        """
+
+        async def handler(ex: Exchange) -> Response:
+            assert ex.principal is not None
+            principal = ex.principal
+            ex.youth_id = youth_id
+            now = datetime.now(timezone.utc)
+            args: tuple = ()
+            if body_model is not None:
+                body = await parse_body(request, body_model)
+                args = (body,)
+                ex.youth_id = getattr(body, "youth_id", youth_id)
+
+            def work() -> Any:
+                with self.rt.sessions() as session:
+                    return fn(session, principal, now, *args)
+
+            with stage_span("registry", action=action):
+                result = await to_thread.run_sync(work)
+            data = result.model_dump(mode="json")
+            ex.youth_id = data.get("youth_id") or (data.get("id") if action.startswith("youth.") else youth_id)
+            if action.startswith("mdt.") and data.get("id") and not ex.mdt_id:
+                ex.mdt_id = data["id"]
+            if action.startswith("membership."):
+                ex.detail["membership_id"] = data.get("id")
+            return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")
+
+        return await self.run(request, action=action, route=route, handler=handler, mdt_id=mdt_id)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """Parse a JSON body; the error names fields, never the values sent."""
+    if request.headers.get("content-type", "").split(";")[0].strip() not in ("application/json",
+                                                                               "application/fhir+json"):
+        raise BadRequest("the body must be JSON (Content-Type: application/json)")
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        fields = sorted({".".join(str(p) for p in e.get("loc", ())) or "body" for e in err.errors()})
+        raise BadRequest("invalid request body: " + ", ".join(fields)[:300]) from None
+
+
+def _trace_id(span: Any) -> str | None:
+    try:
+        ctx = span.get_span_context()
+        return format(ctx.trace_id, "032x") if ctx and ctx.trace_id else None
+    except Exception:
+        return None
+
+
+def _set_status(span: Any, status: str) -> None:
+    try:
+        span.set_attribute("source_status", status)
+    except Exception:
+        pass
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,88 @@
+"""The per-request record that the pipeline fills in stage by stage and audits at the end."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from broker.domain import DecisionSet, Grounds, Principal
+
+
+@dataclass
+class Exchange:
+    """Mutable, private to one request; only ``audit_event`` leaves it, as plain JSON data."""
+
+    action: str
+    method: str
+    route: str
+    request_id: str
+    started: datetime
+    trace_id: str | None = None
+    principal: Principal | None = None
+    mdt_id: str | None = None
+    youth_id: str | None = None
+    purpose: str | None = None
+    resource_type: str | None = None
+    grounds: Grounds | None = None
+    decisions: DecisionSet | None = None
+    policy_version: str | None = None
+    released_categories: set[str] = field(default_factory=set)
+    withheld_categories: set[str] = field(default_factory=set)
+    released_count: int = 0
+    obligations: set[str] = field(default_factory=set)
+    redactions: list[str] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
+    error: str | None = None
+    detail: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, *, action: str, method: str, route: str, request_id: str | None = None) -> "Exchange":
+        """Begin a request; the request id is ours, never the caller's."""
+        return cls(action=action, method=method, route=route, request_id=request_id or uuid.uuid4().hex,
+                   started=datetime.now(timezone.utc))
+
+    def audit_event(self, status: int) -> dict:
+        """The audit event (fields of DESIGN.md 'Audit event'); identifiers, never record content."""
+        p = self.principal
+        decisions = self.decisions.decisions if self.decisions else ()
+        grounds = self.grounds
+        return {
+            "time": datetime.now(timezone.utc),
+            "request_id": self.request_id,
+            "trace_id": self.trace_id,
+            "action": self.action,
+            "method": self.method,
+            "route": self.route,
+            "client_id": p.client_id if p else None,
+            "actor": {"sub": p.sub, "agency": p.agency, "role": p.role} if p else None,
+            "youth_id": self.youth_id,
+            "mdt_id": self.mdt_id,
+            "purpose": self.purpose,
+            "resource_type": self.resource_type,
+            "grounds": {
+                "used": sorted(grounds.items) if grounds else [],
+                "membership_id": grounds.membership_id if grounds else None,
+                "consent_ids": [],
+                "court_order_id": None,
+                "break_glass_id": None,
+            },
+            "categories": {
+                "requested": sorted(d.category for d in decisions),
+                "released": sorted(self.released_categories),
+                "withheld": sorted(self.withheld_categories),
+            },
+            "decisions": [
+                {"category": d.category, "effect": d.effect, "ground": d.ground,
+                 "rule": list(d.rule) if d.rule else None, "citation": d.citation}
+                for d in decisions
+            ],
+            "released_count": self.released_count,
+            "policy_version": self.policy_version,
+            "obligations": sorted(self.obligations),
+            "redactions": sorted(set(self.redactions)),
+            "sources": self.sources,
+            "outcome": status,
+            "error": self.error,
+            "detail": self.detail,
+        }

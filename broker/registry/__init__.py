@@ -1,0 +1,1 @@
+"""Youth, MDTs and their rosters."""

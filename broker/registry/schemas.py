@@ -1,0 +1,68 @@
+"""Request and response bodies of the registry API."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9\-._:]{0,127}$"
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused so that typos do not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdentifierIn(Strict):
+    source: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="Source (connector) name")
+    system: str = Field(min_length=1, max_length=255, pattern=r"^\S+$")
+    value: str = Field(pattern=r"^[A-Za-z0-9\-.]{1,64}$", description="The source's id for the youth")
+
+
+class YouthIn(Strict):
+    birth_date: date | None = None
+    identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=50)
+
+
+class YouthOut(BaseModel):
+    id: str
+    birth_date: date | None
+    identifiers: list[IdentifierIn]
+
+
+class MdtIn(Strict):
+    youth_id: str = Field(pattern=_ID)
+    lead_agency: str = Field(pattern=_ID)
+
+
+class MembershipIn(Strict):
+    sub: str = Field(pattern=_ID, description="The staff member's subject id")
+    agency: str = Field(pattern=_ID)
+    team_role: str = Field(pattern=r"^[a-z][a-z-]{1,63}$")
+    statutory: bool = Field(False, description="The member holds their own statutory access "
+                            "(assigned social worker or probation officer, treating clinician or program)")
+    valid_from: datetime | None = Field(None, description="Defaults to now")
+    valid_to: datetime | None = None
+
+
+class MembershipOut(BaseModel):
+    id: str
+    sub: str
+    agency: str
+    team_role: str
+    statutory: bool
+    valid_from: datetime
+    valid_to: datetime | None
+    added_by: str
+    ended_by: str | None
+
+
+class MdtOut(BaseModel):
+    id: str
+    youth_id: str
+    lead_agency: str
+    opened_at: datetime
+    closed_at: datetime | None
+    members: list[MembershipOut]

@@ -1,0 +1,206 @@
+"""Registry operations: youth, identifiers, MDTs and memberships.
+
+Functions are keyword-only, synchronous (run in a worker thread) and take an open
+Session; they commit. Authorization failures raise ``Forbidden(NO_ACCESS)`` with one
+text whatever the reason, so a caller cannot tell a missing MDT from one they may not see.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.domain import Membership, Principal, SourceLink
+from broker.errors import NO_ACCESS, BadRequest, Conflict, Forbidden, NotFound
+from broker.registry import schemas
+from broker.store.models import Agency, Mdt, MembershipRow, Staff, Youth, YouthIdentifier
+
+ADMIN_ROLE = "registry-admin"
+# Roles that may register a youth or open an MDT (the agencies that identify CSEC youth).
+REGISTRAR_ROLES = frozenset({ADMIN_ROLE, "child-welfare-worker", "probation-officer"})
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def to_membership(row: MembershipRow) -> Membership:
+    """Frozen domain view of a roster row."""
+    return Membership(id=row.id, mdt_id=row.mdt_id, agency=row.agency_id, sub=row.sub, team_role=row.team_role,
+                      statutory=row.statutory, valid_from=_utc(row.valid_from), valid_to=_utc(row.valid_to))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    from datetime import timezone
+
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def active_membership(session: Session, *, mdt: Mdt, principal: Principal, now: datetime) -> Membership | None:
+    """The requester's membership on an open MDT at this instant, matching agency and role."""
+    if mdt.closed_at is not None and _utc(mdt.closed_at) <= now:
+        return None
+    rows = session.scalars(select(MembershipRow).where(
+        MembershipRow.mdt_id == mdt.id, MembershipRow.sub == principal.sub)).all()
+    for row in rows:
+        m = to_membership(row)
+        if m.agency == principal.agency and m.team_role == principal.role and m.active_at(now):
+            return m
+    return None
+
+
+def youth_links(session: Session, *, youth_id: str) -> tuple[SourceLink, ...]:
+    """How each source identifies the youth."""
+    rows = session.scalars(select(YouthIdentifier).where(YouthIdentifier.youth_id == youth_id)
+                           .order_by(YouthIdentifier.id)).all()
+    return tuple(SourceLink(source=r.source, system=r.system, value=r.value) for r in rows)
+
+
+def create_youth(session: Session, *, principal: Principal, body: schemas.YouthIn, now: datetime,
+                 known_sources: frozenset[str]) -> schemas.YouthOut:
+    """Register a youth and the identifiers each source uses for them."""
+    if principal.role not in REGISTRAR_ROLES:
+        raise Forbidden("your role may not register youth")
+    for ident in body.identifiers:
+        if ident.source not in known_sources:
+            raise BadRequest("unknown source in identifiers")
+    pairs = [(i.system, i.value) for i in body.identifiers]
+    if len(pairs) != len(set(pairs)):
+        raise BadRequest("duplicate identifier")
+    youth = Youth(id=_new_id("y"), birth_date=body.birth_date, created_at=now, created_by=principal.sub)
+    session.add(youth)
+    session.flush()
+    for ident in body.identifiers:
+        session.add(YouthIdentifier(youth_id=youth.id, source=ident.source, system=ident.system, value=ident.value))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict("an identifier is already linked to another youth") from None
+    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, identifiers=body.identifiers)
+
+
+def get_youth(session: Session, *, principal: Principal, youth_id: str, now: datetime) -> schemas.YouthOut:
+    """A youth's record, for the registry admin or an active member of one of the youth's MDTs."""
+    youth = session.get(Youth, youth_id)
+    if youth is None or not _may_see_youth(session, principal=principal, youth_id=youth_id, now=now):
+        raise Forbidden(NO_ACCESS)
+    links = youth_links(session, youth_id=youth_id)
+    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, identifiers=[
+        schemas.IdentifierIn(source=link.source, system=link.system, value=link.value) for link in links])
+
+
+def _may_see_youth(session: Session, *, principal: Principal, youth_id: str, now: datetime) -> bool:
+    if principal.role == ADMIN_ROLE:
+        return True
+    for mdt in session.scalars(select(Mdt).where(Mdt.youth_id == youth_id)).all():
+        if active_membership(session, mdt=mdt, principal=principal, now=now):
+            return True
+    return False
+
+
+def create_mdt(session: Session, *, principal: Principal, body: schemas.MdtIn, now: datetime) -> schemas.MdtOut:
+    """Open an MDT for a youth; the requester must belong to the lead agency (or be an admin)."""
+    if principal.role not in REGISTRAR_ROLES:
+        raise Forbidden("your role may not open a team")
+    if principal.role != ADMIN_ROLE and principal.agency != body.lead_agency:
+        raise Forbidden("only the lead agency may open its team")
+    if session.get(Agency, body.lead_agency) is None:
+        raise BadRequest("unknown lead agency")
+    if session.get(Youth, body.youth_id) is None:
+        raise NotFound("no such youth")
+    open_mdt = session.scalars(select(Mdt).where(Mdt.youth_id == body.youth_id, Mdt.closed_at.is_(None))).first()
+    if open_mdt is not None:
+        raise Conflict("the youth already has an open team")
+    mdt = Mdt(id=_new_id("mdt"), youth_id=body.youth_id, lead_agency_id=body.lead_agency, opened_at=now,
+              closed_at=None, created_by=principal.sub)
+    session.add(mdt)
+    session.commit()
+    return _mdt_out(session, mdt)
+
+
+def _mdt_out(session: Session, mdt: Mdt) -> schemas.MdtOut:
+    rows = session.scalars(select(MembershipRow).where(MembershipRow.mdt_id == mdt.id)
+                           .order_by(MembershipRow.valid_from, MembershipRow.id)).all()
+    return schemas.MdtOut(id=mdt.id, youth_id=mdt.youth_id, lead_agency=mdt.lead_agency_id,
+                          opened_at=_utc(mdt.opened_at), closed_at=_utc(mdt.closed_at),
+                          members=[_member_out(r) for r in rows])
+
+
+def _member_out(row: MembershipRow) -> schemas.MembershipOut:
+    return schemas.MembershipOut(id=row.id, sub=row.sub, agency=row.agency_id, team_role=row.team_role,
+                                 statutory=row.statutory, valid_from=_utc(row.valid_from),
+                                 valid_to=_utc(row.valid_to), added_by=row.added_by, ended_by=row.ended_by)
+
+
+def load_mdt(session: Session, mdt_id: str) -> Mdt | None:
+    """The MDT row, or None."""
+    return session.get(Mdt, mdt_id)
+
+
+def get_mdt(session: Session, *, principal: Principal, mdt_id: str, now: datetime) -> schemas.MdtOut:
+    """An MDT and its roster, for its active members and the registry admin."""
+    mdt = session.get(Mdt, mdt_id)
+    if mdt is None:
+        raise Forbidden(NO_ACCESS)
+    if principal.role != ADMIN_ROLE and active_membership(session, mdt=mdt, principal=principal, now=now) is None:
+        raise Forbidden(NO_ACCESS)
+    return _mdt_out(session, mdt)
+
+
+def _roster_manager(session: Session, *, principal: Principal, mdt_id: str, now: datetime) -> Mdt:
+    mdt = session.get(Mdt, mdt_id)
+    if mdt is None or (mdt.closed_at is not None and _utc(mdt.closed_at) <= now):
+        raise Forbidden(NO_ACCESS)
+    if principal.role != ADMIN_ROLE and principal.agency != mdt.lead_agency_id:
+        raise Forbidden(NO_ACCESS)
+    return mdt
+
+
+def add_member(session: Session, *, principal: Principal, mdt_id: str, body: schemas.MembershipIn,
+               now: datetime, team_roles: frozenset[str]) -> schemas.MembershipOut:
+    """Add a member; only the lead agency's staff or the registry admin may change a roster."""
+    mdt = _roster_manager(session, principal=principal, mdt_id=mdt_id, now=now)
+    if body.team_role not in team_roles:
+        raise BadRequest("unknown team role")
+    staff = session.get(Staff, body.sub)
+    if staff is None or not staff.active or staff.agency_id != body.agency or body.team_role not in staff.roles:
+        raise BadRequest("the staff member does not hold that role in that agency")
+    valid_from = body.valid_from or now
+    if valid_from.tzinfo is None or (body.valid_to is not None and body.valid_to.tzinfo is None):
+        raise BadRequest("valid_from and valid_to must carry a time zone")
+    if body.valid_to is not None and body.valid_to <= valid_from:
+        raise BadRequest("valid_to must be after valid_from")
+    for row in session.scalars(select(MembershipRow).where(MembershipRow.mdt_id == mdt.id,
+                                                           MembershipRow.sub == body.sub)).all():
+        existing = to_membership(row)
+        if existing.valid_to is None or existing.valid_to > now:
+            raise Conflict("the person already has a current membership on this team")
+    row = MembershipRow(id=_new_id("m"), mdt_id=mdt.id, agency_id=body.agency, sub=body.sub,
+                        team_role=body.team_role, statutory=body.statutory, valid_from=valid_from,
+                        valid_to=body.valid_to, added_by=principal.sub, ended_by=None)
+    session.add(row)
+    session.commit()
+    return _member_out(row)
+
+
+def end_member(session: Session, *, principal: Principal, mdt_id: str, membership_id: str,
+               now: datetime) -> schemas.MembershipOut:
+    """End a membership now; the row stays for the audit trail."""
+    mdt = _roster_manager(session, principal=principal, mdt_id=mdt_id, now=now)
+    row = session.get(MembershipRow, membership_id)
+    if row is None or row.mdt_id != mdt.id:
+        raise NotFound("no such membership on this team")
+    current_end = _utc(row.valid_to)
+    if current_end is None or current_end > now:
+        row.valid_to = now
+        row.ended_by = principal.sub
+        session.commit()
+    return _member_out(row)
