@@ -18,6 +18,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 from anyio import to_thread
+from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -355,19 +356,14 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise BadRequest("invalid request body: " + ", ".join(fields)[:300]) from None
 
 
-def _trace_id(span: Any) -> str | None:
-    try:
-        ctx = span.get_span_context()
-        return format(ctx.trace_id, "032x") if ctx and ctx.trace_id else None
-    except Exception:
-        return None
+def _trace_id(_span: Any) -> str | None:
+    """The current trace id, when tracing is on."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
 def _set_status(span: Any, status: str) -> None:
-    try:
-        span.set_attribute("source_status", status)
-    except Exception:
-        pass
+    span.set(source_status=status)
 
 
 def _now_iso() -> str:

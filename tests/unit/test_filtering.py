@@ -1,0 +1,75 @@
+"""Release only what belongs to the youth and is wholly allowed; never mutate the source's copy."""
+
+from __future__ import annotations
+
+import copy
+
+from broker.pipeline.filtering import belongs_to, filter_resources
+from broker.pipeline.labels import CategoryLabels, Labeller
+
+GH = frozenset({"general-health"})
+
+
+def classify(resource, defaults):
+    return defaults | frozenset(resource.get("_cats", []))
+
+
+def obs(rid, patient="p1", cats=()):
+    return {"resourceType": "Observation", "id": rid, "subject": {"reference": f"Patient/{patient}"},
+            "_cats": list(cats)}
+
+
+def test_belongs_to():
+    assert belongs_to(obs("a"), "p1")
+    assert belongs_to({"resourceType": "Immunization", "patient": {"reference": "http://x/fhir/Patient/p1"}}, "p1")
+    assert not belongs_to(obs("a", "p2"), "p1")
+    assert not belongs_to({"resourceType": "Observation", "id": "a"}, "p1")
+    assert not belongs_to({"resourceType": "Observation", "subject": {"reference": "Patient/p10"}}, "p1")
+    assert belongs_to({"resourceType": "Patient", "id": "p1"}, "p1")
+    assert not belongs_to({"resourceType": "Patient", "id": "p2"}, "p1")
+
+
+def test_every_category_must_be_allowed():
+    items = [(obs("a"), "p1", GH), (obs("b", cats=["hiv"]), "p1", GH), (obs("c", "p2"), "p1", GH)]
+    out = filter_resources(items, classify=classify, allowed=frozenset({"general-health"}))
+    assert [r["id"] for r, _ in out.released] == ["a"]
+    assert out.withheld_categories == {"hiv"}
+    assert out.foreign_dropped == 1
+
+
+def test_released_items_are_copies():
+    source = obs("a")
+    pristine = copy.deepcopy(source)
+    out = filter_resources([(source, "p1", GH)], classify=classify, allowed=GH)
+    released, cats = out.released[0]
+    Labeller(spec={"general-health": CategoryLabels("R", (), ("NORDSCLCD",))}, confidentiality_system="c",
+             sensitivity_system="s", obligation_system="o", local_system="l", obligation_text={}).label(released, cats)
+    assert source == pristine and released is not source and "security" in released["meta"]
+
+
+def test_patient_location_is_removed_unless_placement_is_allowed():
+    patient = {"resourceType": "Patient", "id": "p1", "address": [{"city": "Nowhere"}], "telecom": [{}],
+               "gender": "female"}
+    out = filter_resources([(patient, "p1", GH)], classify=classify, allowed=GH)
+    released = out.released[0][0]
+    assert "address" not in released and "telecom" not in released and released["gender"] == "female"
+    assert sorted(out.redactions) == ["Patient.address", "Patient.telecom"]
+    assert "address" in patient
+    out = filter_resources([(patient, "p1", GH)], classify=classify, allowed=GH | {"placement-location"})
+    assert "address" in out.released[0][0] and out.redactions == []
+
+
+def test_labels_take_the_strictest_confidentiality_and_keep_upstream_labels():
+    labeller = Labeller(spec={"general-health": CategoryLabels("R", (), ("NORDSCLCD",)),
+                              "hiv": CategoryLabels("V", ("HIV",), ("NORDSCLCD", "local:NOUSEAGAINSTYOUTH"))},
+                        confidentiality_system="conf", sensitivity_system="act", obligation_system="act",
+                        local_system="local", obligation_text={})
+    r = {"resourceType": "Observation", "meta": {"security": [{"system": "conf", "code": "N"},
+                                                              {"system": "up", "code": "X"}]}}
+    labeller.label(r, frozenset({"general-health", "hiv"}))
+    codes = [(s["system"], s["code"]) for s in r["meta"]["security"]]
+    assert ("conf", "V") in codes and ("conf", "N") not in codes and ("up", "X") in codes
+    assert ("act", "HIV") in codes and ("local", "NOUSEAGAINSTYOUTH") in codes
+    assert len(codes) == len(set(codes))
+    # a category with no label spec gets the strictest labels
+    assert labeller.summarize(["unknown-category"])[0] == "V"
