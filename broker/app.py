@@ -62,6 +62,10 @@ class _TooLarge(Exception):
     pass
 
 
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                    (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"))
+
+
 class SecurityHeaders:
     """Headers every response carries; no server banner."""
 
@@ -72,8 +76,8 @@ class SecurityHeaders:
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
-                headers += [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
-                            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
                 message["headers"] = headers
             await send(message)
 

@@ -72,6 +72,7 @@ class UsedAssertion(Base):
     __tablename__ = "used_assertions"
 
     jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """``broker.auth.client_assertion.replay_key(client_id, jti)``: per client, fixed length."""
     client_id: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(index=True)
 

@@ -1,0 +1,1 @@
+"""Authentication tests: keys, access tokens, client assertions, the token endpoint."""
