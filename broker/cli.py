@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    """Print a demo access token for a seeded person (demo mode only)."""
+    """Print a demo access token, obtained from the running demo through its dev client."""
     from broker import demo
 
     directory = demo.state_dir()
@@ -64,9 +64,18 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     settings = demo.demo_settings(directory, host=args.host, port=args.port)
     try:
-        print(demo.mint_token(settings, args.alias, args.purpose))
+        person = demo.person(args.alias)
     except KeyError:
         print(f"unknown demo person: {args.alias}", file=sys.stderr)
+        return 2
+    if args.offline:
+        print(demo.mint_token(settings, args.alias, args.purpose))
+        return 0
+    try:
+        print(demo.request_token(settings, directory, person, args.purpose))
+    except OSError as err:
+        print(f"could not reach the demo at {settings.public_url} ({type(err).__name__}); is it running? "
+              "(--offline mints a token without it)", file=sys.stderr)
         return 2
     return 0
 
@@ -129,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a demo access token")
     token.add_argument("--as", dest="alias", default="po", help="cw, po, mh, sud, phn, da, le or admin")
     token.add_argument("--purpose", default=None, help="bind a purpose of use into the token")
+    token.add_argument("--offline", action="store_true",
+                       help="mint with the demo's key instead of asking the running demo's token endpoint")
     token.add_argument("--host", default="127.0.0.1")
     token.add_argument("--port", type=int, default=8000)
     token.set_defaults(func=cmd_token)

@@ -168,6 +168,27 @@ def client_assertion(keys: Path, client_id: str, token_endpoint: str) -> str:
     return jwt.encode({"alg": key.alg, "kid": key.kid}, claims, key.jwk, algorithms=[key.alg])
 
 
+def request_token(settings: Settings, keys: Path, p: DemoPerson, purpose: str | None = None) -> str:
+    """Ask the running demo's token endpoint, authenticating as the person's dev client (RFC 7523)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    form = {"grant_type": "client_credentials",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": client_assertion(keys, p.client_id, settings.token_endpoint),
+            "staff_sub": p.sub, "staff_role": p.role}
+    if purpose:
+        form["purpose_of_use"] = purpose
+    request = urllib.request.Request(settings.token_endpoint, data=urllib.parse.urlencode(form).encode(),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["access_token"]
+    except urllib.error.HTTPError as err:
+        raise OSError(f"token endpoint answered {err.code}") from None
+
+
 def mint_token(settings: Settings, alias: str, purpose: str | None = None) -> str:
     """A broker access token for a seeded person, issued in-process by the dev issuer."""
     from broker.auth.keys import load_signing_key
@@ -188,8 +209,8 @@ def banner(settings: Settings) -> str:
     lines = [
         "",
         f"mdt-broker demo running at {url}  (API docs: {url}/docs)",
-        "All data is synthetic. Tokens below are valid for 10 minutes; mint more with",
-        "  .venv/bin/broker token --as po|cw|mh|sud|phn|da|le|admin",
+        "All data is synthetic. Tokens below are valid for 10 minutes; get more through the dev clients with",
+        f"  .venv/bin/broker token --port {settings.public_url.rsplit(':', 1)[1]} --as po|cw|mh|sud|phn|da|le|admin",
         "",
         "# A probation officer on the team, care coordination: mental health is released (W&IC 5328.04),",
         "# substance use (42 CFR Part 2), HIV and psychotherapy notes are withheld without a trace:",

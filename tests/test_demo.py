@@ -41,13 +41,36 @@ async def test_demo_banner_requests_show_an_allowed_and_a_withheld_category(demo
     assert main(["audit", "verify", "--demo"]) == 0
 
 
-def test_token_command_prints_a_token(demo_dir, capsys):
-    settings = demo.demo_settings(demo_dir)
+def test_token_command_uses_the_dev_client_against_the_running_demo(demo_dir, capsys):
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.support.ports import free_port
+
+    port = free_port()
+    settings = demo.demo_settings(demo_dir, port=port)
     demo.seed(settings, demo_dir)
-    assert main(["token", "--as", "mh"]) == 0
-    token = capsys.readouterr().out.strip()
-    assert token.count(".") == 2
-    assert main(["token", "--as", "nobody"]) == 2
+    assert main(["token", "--as", "mh", "--port", str(port)]) == 2  # not running yet
+    assert "is it running" in capsys.readouterr().err
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        assert main(["token", "--as", "mh", "--port", str(port), "--purpose", "TREAT"]) == 0
+        token = capsys.readouterr().out.strip()
+        principal = app.state.runtime.verifier.verify(token)
+        assert (principal.sub, principal.client_id, principal.purpose) == ("staff-mh-0001", "demo-bh-system", "TREAT")
+        assert main(["token", "--as", "nobody", "--port", str(port)]) == 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert main(["token", "--as", "po", "--offline"]) == 0
+    assert capsys.readouterr().out.count(".") == 2
 
 
 def test_demo_key_is_refused_outside_demo_mode(demo_dir):

@@ -21,11 +21,15 @@ ensure_python_env() {
   fi
   local stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extra:+-$extra}"
   if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    if [ -n "$extra" ]; then
-      .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
-    else
-      .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+    echo "installing Python packages into .venv (log: .venv/install.log)" >&2
+    local target="."
+    [ -n "$extra" ] && target=".[$extra]"
+    if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip \
+           && .venv/bin/python -m pip install --disable-pip-version-check -e "$target"; } \
+         > .venv/install.log 2>&1; then
+      tail -30 .venv/install.log >&2
+      echo "pip install failed" >&2
+      exit 1
     fi
     touch "$stamp"
   fi
