@@ -70,3 +70,21 @@ class Connector(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+def belongs_to_patient(resource: dict, patient_id: str) -> bool:
+    """True if the resource is the patient or names them in ``subject`` or ``patient``."""
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id") == patient_id
+    target = f"Patient/{patient_id}"
+    for field in ("subject", "patient"):
+        ref = resource.get(field)
+        if not isinstance(ref, dict):
+            continue
+        value = ref.get("reference")
+        if not isinstance(value, str):
+            continue
+        value = value.split("/_history/", 1)[0]
+        if value == target or value.endswith("/" + target):
+            return True
+    return False

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from connectors.base import SourceQuery, SourceTimeout, SourceUnavailable
+from connectors.base import SourceQuery, SourceTimeout, SourceUnavailable, belongs_to_patient
 
 if TYPE_CHECKING:
     from broker.settings import SourceConfig
@@ -206,24 +206,6 @@ class FhirConnector:
             raise SourceUnavailable(f"source {self.name}: invalid resource type")
         if self.resource_types and resource_type not in self.resource_types:
             raise SourceUnavailable(f"source {self.name}: resource type {resource_type} not served")
-
-
-def belongs_to_patient(resource: dict, patient_id: str) -> bool:
-    """True if the resource is the patient or names them in ``subject`` or ``patient``."""
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id") == patient_id
-    target = f"Patient/{patient_id}"
-    for field in ("subject", "patient"):
-        ref = resource.get(field)
-        if not isinstance(ref, dict):
-            continue
-        value = ref.get("reference")
-        if not isinstance(value, str):
-            continue
-        value = value.split("/_history/", 1)[0]
-        if value == target or value.endswith("/" + target):
-            return True
-    return False
 
 
 async def _read_limited(resp: aiohttp.ClientResponse) -> bytes | None:

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from connectors.base import SourceQuery, SourceUnavailable
-from connectors.fhir import belongs_to_patient
+from connectors.base import SourceQuery, SourceUnavailable, belongs_to_patient
 
 if TYPE_CHECKING:
     from broker.settings import SourceConfig

@@ -11,6 +11,8 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from connectors.base import belongs_to_patient
+
 # Patient elements that can reveal where the youth lives or is placed.
 PATIENT_LOCATION_ELEMENTS = ("address", "telecom", "contact")
 
@@ -25,20 +27,6 @@ class FilterOutcome:
     redactions: list[str] = field(default_factory=list)
 
 
-def belongs_to(resource: dict, patient_id: str) -> bool:
-    """True only if the resource names this patient as its subject (or is that Patient)."""
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id") == patient_id
-    wanted = f"Patient/{patient_id}"
-    for key in ("subject", "patient"):
-        ref = resource.get(key)
-        if isinstance(ref, dict):
-            value = ref.get("reference")
-            if isinstance(value, str) and (value == wanted or value.endswith("/" + wanted)):
-                return True
-    return False
-
-
 def filter_resources(
     items: Iterable[tuple[dict, str, frozenset[str]]],
     *,
@@ -51,7 +39,7 @@ def filter_resources(
     """
     out = FilterOutcome()
     for resource, patient_id, defaults in items:
-        if not isinstance(resource, dict) or not belongs_to(resource, patient_id):
+        if not isinstance(resource, dict) or not belongs_to_patient(resource, patient_id):
             out.foreign_dropped += 1
             continue
         categories = classify(resource, defaults)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 
-from broker.pipeline.filtering import belongs_to, filter_resources
+from broker.pipeline.filtering import filter_resources
+from connectors.base import belongs_to_patient as belongs_to
 from broker.pipeline.labels import CategoryLabels, Labeller
 
 GH = frozenset({"general-health"})
