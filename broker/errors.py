@@ -59,7 +59,13 @@ class PayloadTooLarge(BrokerError):
 
 
 class Unprocessable(BrokerError):
+    """A well-formed request whose content is refused; ``issues`` name each element at fault."""
+
     status, code = 422, "invalid"
+
+    def __init__(self, diagnostics: str, *, issues: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(diagnostics)
+        self.issues = issues or []
 
 
 class Unavailable(BrokerError):
@@ -85,7 +91,13 @@ def outcome_response(status: int, code: str, diagnostics: str, headers: dict[str
 
 
 def error_response(err: BrokerError) -> Response:
-    """The response for a BrokerError."""
+    """The response for a BrokerError; an Unprocessable lists one issue per element at fault."""
+    issues = getattr(err, "issues", None)
+    if issues:
+        body = {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": err.code, "diagnostics": text, "expression": [expression]}
+            for expression, text in issues]}
+        return Response(orjson.dumps(body), status_code=err.status, media_type=FHIR_JSON, headers=err.headers)
     return outcome_response(err.status, err.code, err.diagnostics, err.headers)
 
 

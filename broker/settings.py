@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     policy_dir: Path = REPO_POLICY_DIR
     sources: list[SourceConfig] = Field(default_factory=list)
     sources_file: Path | None = None
+    break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_count: int = Field(default=200, ge=1, le=1000)
     log_level: str = "INFO"

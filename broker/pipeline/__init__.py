@@ -309,7 +309,8 @@ class Pipeline:
 
     async def registry_call(self, request: Request, *, action: str, route: str,
                             fn: Callable[..., Any], status_code: int = 200, mdt_id: str | None = None,
-                            youth_id: str | None = None, body_model: type[BaseModel] | None = None) -> Response:
+                            youth_id: str | None = None, body_model: type[BaseModel] | None = None,
+                            json_body: bool = False) -> Response:
         """Run a registry operation in a worker thread, audited like every data request.
 
         ``fn(session, principal, now)`` or, with ``body_model``, ``fn(session, principal, now, body)``.
@@ -325,6 +326,8 @@ class Pipeline:
                 body = await parse_body(request, body_model)
                 args = (body,)
                 ex.youth_id = getattr(body, "youth_id", youth_id)
+            elif json_body:
+                args = (await parse_json(request),)
 
             def work() -> Any:
                 with self.rt.sessions() as session:
@@ -332,7 +335,9 @@ class Pipeline:
 
             with stage_span("registry", action=action):
                 result = await to_thread.run_sync(work)
-            data = result.model_dump(mode="json")
+            data = result if isinstance(result, dict) else result.model_dump(mode="json")
+            ex.youth_id = ex.youth_id or data.pop("_youth_id", None)
+            data.pop("_youth_id", None)
             ex.youth_id = data.get("youth_id") or (data.get("id") if action.startswith("youth.") else youth_id)
             if action.startswith("mdt.") and data.get("id") and not ex.mdt_id:
                 ex.mdt_id = data["id"]
@@ -354,6 +359,20 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     except ValidationError as err:
         fields = sorted({".".join(str(p) for p in e.get("loc", ())) or "body" for e in err.errors()})
         raise BadRequest("invalid request body: " + ", ".join(fields)[:300]) from None
+
+
+async def parse_json(request: Request) -> dict:
+    """A JSON object body (FHIR resources are parsed by their own validators afterwards)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() not in ("application/json",
+                                                                               "application/fhir+json"):
+        raise BadRequest("the body must be JSON (Content-Type: application/fhir+json)")
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
 
 
 def _trace_id(_span: Any) -> str | None:

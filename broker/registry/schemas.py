@@ -23,12 +23,15 @@ class IdentifierIn(Strict):
 
 class YouthIn(Strict):
     birth_date: date | None = None
+    removed: bool = Field(False, description="Removed from parental custody (W&IC 300/361): a parent may then "
+                          "not authorise mental health release (Civ. Code 56.106)")
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=50)
 
 
 class YouthOut(BaseModel):
     id: str
     birth_date: date | None
+    removed: bool
     identifiers: list[IdentifierIn]
 
 

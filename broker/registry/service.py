@@ -74,7 +74,8 @@ def create_youth(session: Session, *, principal: Principal, body: schemas.YouthI
     pairs = [(i.system, i.value) for i in body.identifiers]
     if len(pairs) != len(set(pairs)):
         raise BadRequest("duplicate identifier")
-    youth = Youth(id=_new_id("y"), birth_date=body.birth_date, created_at=now, created_by=principal.sub)
+    youth = Youth(id=_new_id("y"), birth_date=body.birth_date, removed=body.removed, created_at=now,
+                  created_by=principal.sub)
     session.add(youth)
     session.flush()
     for ident in body.identifiers:
@@ -84,7 +85,8 @@ def create_youth(session: Session, *, principal: Principal, body: schemas.YouthI
     except IntegrityError:
         session.rollback()
         raise Conflict("an identifier is already linked to another youth") from None
-    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, identifiers=body.identifiers)
+    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, removed=youth.removed,
+                            identifiers=body.identifiers)
 
 
 def get_youth(session: Session, *, principal: Principal, youth_id: str, now: datetime) -> schemas.YouthOut:
@@ -93,7 +95,7 @@ def get_youth(session: Session, *, principal: Principal, youth_id: str, now: dat
     if youth is None or not _may_see_youth(session, principal=principal, youth_id=youth_id, now=now):
         raise Forbidden(NO_ACCESS)
     links = youth_links(session, youth_id=youth_id)
-    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, identifiers=[
+    return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, removed=youth.removed, identifiers=[
         schemas.IdentifierIn(source=link.source, system=link.system, value=link.value) for link in links])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime
 
 from sqlalchemy import (
+    false,
     JSON,
     BigInteger,
     Boolean,
@@ -84,6 +85,8 @@ class Youth(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     birth_date: Mapped[date | None] = mapped_column(Date, nullable=True)
+    removed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Removed from parental custody: a parent may then not authorise mental health release (Civ. 56.106)."""
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(128))
 
@@ -173,3 +176,78 @@ class PolicyVersion(Base):
     loaded_at: Mapped[datetime]
     files: Mapped[dict] = mapped_column(JSON)
     """File name -> sha256 of its bytes."""
+
+
+class ConsentRow(Base):
+    """A validated consent or authorization, with the FHIR Consent as filed and indexed terms.
+
+    ``recipients`` is a list of ``{"kind": "person"|"role"|"agency", "value": str}``.
+    ``ground`` is the policy ground it yields (consent-part2, consent-hiv, consent-cmia, ...).
+    """
+
+    __tablename__ = "consents"
+    __table_args__ = (Index("ix_consents_youth_status", "youth_id", "status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    youth_id: Mapped[str] = mapped_column(ForeignKey("youth.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    form: Mapped[str] = mapped_column(String(32))
+    signer_capacity: Mapped[str] = mapped_column(String(32))
+    signer_reference: Mapped[str] = mapped_column(String(255))
+    categories: Mapped[list[str]] = mapped_column(JSON)
+    recipients: Mapped[list[dict]] = mapped_column(JSON)
+    purposes: Mapped[list[str]] = mapped_column(JSON)
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime | None] = mapped_column(nullable=True)
+    expiry_event: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    disclosure_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    disclosures_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    signed_at: Mapped[datetime]
+    resource: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class CourtOrderRow(Base):
+    """A court order recorded as a ground; the policy decides what it unlocks."""
+
+    __tablename__ = "court_orders"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    youth_id: Mapped[str] = mapped_column(ForeignKey("youth.id"), index=True)
+    case_number: Mapped[str] = mapped_column(String(64))
+    court: Mapped[str] = mapped_column(String(200))
+    categories: Mapped[list[str]] = mapped_column(JSON)
+    purposes: Mapped[list[str]] = mapped_column(JSON)
+    recipients: Mapped[list[dict]] = mapped_column(JSON)
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class BreakGlassGrant(Base):
+    """Emergency access for one member on one MDT, time-limited and queued for review."""
+
+    __tablename__ = "break_glass_grants"
+    __table_args__ = (Index("ix_break_glass_mdt_sub", "mdt_id", "sub"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mdt_id: Mapped[str] = mapped_column(ForeignKey("mdts.id"))
+    youth_id: Mapped[str] = mapped_column(ForeignKey("youth.id"))
+    sub: Mapped[str] = mapped_column(String(128))
+    agency_id: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    """Free text from the requester; never logged, never copied into audit events."""
+    granted_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    review_status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    reviewed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    reviewed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    review_note: Mapped[str | None] = mapped_column(Text, nullable=True)
