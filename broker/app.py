@@ -17,9 +17,6 @@ from broker.pipeline import Pipeline
 from broker.runtime import Runtime, build_runtime
 from broker.settings import Settings
 
-BODY_SCHEMAS = ("YouthIn", "MdtIn", "MembershipIn")
-
-
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413, whether declared or streamed."""
 
@@ -87,7 +84,10 @@ class SecurityHeaders:
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
     """Build the app; with a runtime given (tests), use it as is."""
     from broker.api import fhir, health, oauth
+    from broker.breakglass import views as breakglass_views
+    from broker.consent import views as consent_views
     from broker.observability import configure_logging, configure_tracing
+    from broker.orders import views as order_views
     from broker.registry import views as registry_views
 
     if runtime is None:
@@ -111,6 +111,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.include_router(health.router)
     app.include_router(oauth.router)
     app.include_router(registry_views.router)
+    app.include_router(consent_views.router)
+    app.include_router(order_views.router)
+    app.include_router(breakglass_views.router)
     app.include_router(fhir.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)
@@ -122,12 +125,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document, including bodies the pipeline parses itself."""
     if app.openapi_schema:
         return app.openapi_schema
-    from broker.registry import schemas
+    from broker.registry.views import DOCUMENTED_BODIES
 
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for name in BODY_SCHEMAS:
-        model = getattr(schemas, name)
+    for name, model in sorted(DOCUMENTED_BODIES.items()):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for def_name, definition in schema.pop("$defs", {}).items():
             components.setdefault(def_name, definition)

@@ -70,17 +70,6 @@ class RequestContext:
 
 
 @dataclass(frozen=True, slots=True)
-class Grounds:
-    """The legal grounds that hold for this requester on this youth at this instant."""
-
-    items: frozenset[str]
-    membership_id: str | None = None
-
-    def __contains__(self, ground: str) -> bool:
-        return ground in self.items
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """One category's verdict with the rule that decided it (None when no rule matched)."""
 

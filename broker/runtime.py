@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.audit.sink import SqlAuditSink
 from broker.auth.keys import BrokerKey, load_signing_key
 from broker.auth.tokens import TokenIssuer, TokenVerifier
-from broker.grounds import GroundsResolver, MembershipGrounds
+from broker.grounds import GroundsResolver, StoreGrounds
 from broker.pipeline.labels import CategoryLabels, Labeller
 from broker.policy.engine import CasbinPolicyEngine
 from broker.settings import Settings, SourceConfig
@@ -114,7 +114,7 @@ def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtim
         verifier=TokenVerifier(settings, key),
         vocabulary=vocabulary,
         policy=policy,
-        grounds=MembershipGrounds(),
+        grounds=StoreGrounds(getattr(vocabulary, "consent_grounds", {})),
         classifier=classifier,
         labeller=build_labeller(vocabulary),
         connectors=connectors,

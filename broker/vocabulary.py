@@ -26,7 +26,11 @@ _GROUND = re.compile(r"^[a-z][a-z0-9]*(?:[-:][a-z0-9]+)*$")
 _PURPOSE = re.compile(r"^[A-Z][A-Z0-9]*$")
 _CODE = re.compile(r"^(?:local:)?[A-Za-z][A-Za-z0-9_-]*$")
 _STR_TAG = "tag:yaml.org,2002:str"
-_SECTIONS = ("roles", "admin_roles", "categories", "purposes", "grounds", "labels")
+_SECTIONS = ("roles", "admin_roles", "categories", "purposes", "grounds", "consent_grounds", "labels")
+# Categories no consent may ever cover: never released through the broker (LEGAL.md matrix "N").
+NEVER_CONSENTED = {"psychotherapy-notes": "45 CFR 164.508(a)(2); Evid. Code 1014"}
+# A consent yields a consent ground, never a standing, court-order or emergency ground.
+CONSENT_GROUND_PREFIXES = ("consent-", "consent:")
 _LABEL_KEYS = ("confidentiality_system", "sensitivity_system", "obligation_system", "local_system",
                "categories", "obligation_text")
 
@@ -71,6 +75,8 @@ class Vocabulary:
     purposes: dict[str, Purpose]
     grounds: dict[str, str]
     labels: LabelSpec
+    # category → the ground a valid consent covering that category yields (absent: no consent covers it)
+    consent_grounds: dict[str, str]
 
     @classmethod
     def load(cls, policy_dir: Path) -> Vocabulary:
@@ -126,9 +132,10 @@ class _Reader:
         categories = self.glossary(sections["categories"][0], "categories", _SLUG)
         grounds = self.glossary(sections["grounds"][0], "grounds", _GROUND)
         purposes = self.purposes(sections["purposes"][0])
+        consent_grounds = self.consent_grounds(sections["consent_grounds"][0], categories, grounds)
         labels = self.labels(sections["labels"][0], categories)
         return Vocabulary(roles=roles, admin_roles=admin_roles, categories=categories,
-                          purposes=purposes, grounds=grounds, labels=labels)
+                          purposes=purposes, grounds=grounds, labels=labels, consent_grounds=consent_grounds)
 
     def mapping(self, node: Node, what: str) -> list[tuple[str, Node, int]]:
         """(key, value node, key line) for a mapping with unique string keys."""
@@ -178,6 +185,29 @@ class _Reader:
             out[key] = self.string(value, f"the description of {key!r}")
         if not out:
             raise self.fail(node, f"{section} must not be empty")
+        return out
+
+    def consent_grounds(self, node: Node, categories: dict[str, str], grounds: dict[str, str]) -> dict[str, str]:
+        """category → consent ground; known names only, and never a category no consent may cover.
+
+        An empty mapping is valid (no consent unlocks anything); a missing category simply has
+        no consent ground, which is the conservative reading.
+        """
+        out: dict[str, str] = {}
+        for category, value, line in self.mapping(node, "consent_grounds"):
+            if category in NEVER_CONSENTED:
+                raise PolicyError(self.path, line, f"{category!r} must not appear in consent_grounds: no consent "
+                                                   f"ever covers it ({NEVER_CONSENTED[category]})")
+            if category not in categories:
+                raise PolicyError(self.path, line, f"consent_grounds names unknown category {category!r}")
+            ground = self.string(value, f"the consent ground of {category!r}")
+            if ground not in grounds:
+                raise self.fail(value, f"consent_grounds maps {category!r} to unknown ground {ground!r} "
+                                       "(define it under grounds)")
+            if not ground.startswith(CONSENT_GROUND_PREFIXES):
+                raise self.fail(value, f"consent_grounds maps {category!r} to {ground!r}, which is not a "
+                                       "consent ground (its name must start with 'consent-')")
+            out[category] = ground
         return out
 
     def purposes(self, node: Node) -> dict[str, Purpose]:

@@ -33,3 +33,15 @@ def fhir_server():  # type: ignore[no-untyped-def]
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def cws_server():  # type: ignore[no-untyped-def]
+    """A second FHIR server standing in for the child welfare agency's system."""
+    from tests.support.fhir_server import start_fhir_server
+
+    server = start_fhir_server([REPO / "tests" / "scenarios" / "data" / "county-cws.json"])
+    try:
+        yield server
+    finally:
+        server.stop()

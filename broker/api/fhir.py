@@ -14,7 +14,7 @@ router = APIRouter(tags=["fhir"])
 
 PURPOSE_DOC = ("HL7 PurposeOfUse code (v3-ActReason, e.g. TREAT, COC) or CHILDPROT; required here or as the "
                "token's purpose_of_use claim")
-MdtId = Annotated[str, Path(max_length=128)]
+MdtId = Annotated[str, Path(max_length=64)]
 ResourceType = Annotated[str, Path(max_length=64)]
 FHIR_RESPONSES = {200: {"content": {FHIR_JSON: {}}, "description": "FHIR R4 JSON"},
                   400: {"description": "OperationOutcome"}, 401: {"description": "OperationOutcome"},

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from urllib.parse import urlencode
+
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -22,7 +24,8 @@ from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
 
-from broker.domain import DecisionSet, Grounds, Principal, RequestContext
+from broker.domain import DecisionSet, Principal, RequestContext
+from broker.grounds import Grounds, has_court_order
 from broker.errors import (
     FHIR_JSON,
     NO_ACCESS,
@@ -37,7 +40,7 @@ from broker.errors import (
 )
 from broker.observability import stage_span
 from broker.pipeline.exchange import Exchange
-from broker.pipeline.filtering import filter_resources
+from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
 from broker.registry import service as registry
 from connectors.base import SourceQuery, SourceTimeout
@@ -48,6 +51,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("broker.pipeline")
 PURPOSE_HEADER = "x-purpose-of-use"
 OBLIGATION_NOTICE_URL = "https://mdt-broker.example.org/StructureDefinition/obligation-notice"
+# Registry actions whose object id the audit event records (ids only, never content).
+DOCUMENT_ACTIONS = {"membership": "membership_id", "consent": "consent_id", "court-order": "court_order_id",
+                    "break-glass": "break_glass_id"}
+RELEASED_UNDER_URL = "https://mdt-broker.example.org/StructureDefinition/released-under"
 
 
 class Pipeline:
@@ -134,8 +141,7 @@ class Pipeline:
                 raise BadRequest("malformed resource id")
             self._check_type(resource_type)
             ex.resource_type = resource_type
-            purpose = self._purpose(request, ex)
-            del purpose
+            self._purpose(request, ex)
             search = SearchRequest(params=(("_id", resource_id),), count=1, offset=0)
             bundle = await self._search(request, ex, search, resource_type)
             entries = bundle.get("entry") or []
@@ -171,13 +177,13 @@ class Pipeline:
         return purpose
 
     async def _search(self, request: Request, ex: Exchange, search: SearchRequest, resource_type: str) -> dict:
-        ctx = await self._context(ex)
-        grounds = self._grounds(ex, ctx)
+        ctx, grounds = await self._context(ex)
         decisions = self._decide(ex, ctx, grounds)
         allowed = decisions.allowed_categories()
         results = await self._fetch(ex, ctx, search, resource_type, allowed)
         with stage_span("filter"):
             outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed)
+            outcome = await self._spend_limited_consents(ex, decisions, grounds, outcome)
         ex.withheld_categories.update(outcome.withheld_categories)
         ex.redactions.extend(outcome.redactions)
         if outcome.foreign_dropped:
@@ -188,6 +194,7 @@ class Pipeline:
         with stage_span("label"):
             for resource, categories in window:
                 ex.obligations.update(self.rt.labeller.label(resource, categories))
+                self._cite_documents(resource, categories, ex)
                 page_categories.update(categories)
                 page.append(resource)
         ex.released_categories = page_categories
@@ -195,44 +202,112 @@ class Pipeline:
         return self._bundle(request, ex, resource_type, search, page, page_categories,
                             has_more=len(outcome.released) > search.offset + search.count)
 
-    async def _context(self, ex: Exchange) -> RequestContext:
-        """Resolve youth, MDT and the requester's active membership; anything amiss is the one 403."""
+    async def _context(self, ex: Exchange) -> tuple[RequestContext, Grounds]:
+        """Resolve youth, MDT, membership and grounds in one snapshot; anything amiss is the one 403.
+
+        A requester who is not on the roster gets in only if a court order in force names them.
+        """
         assert ex.principal is not None and ex.mdt_id is not None and ex.purpose is not None
         principal, mdt_id, purpose = ex.principal, ex.mdt_id, ex.purpose
         now = datetime.now(timezone.utc)
 
-        def load() -> RequestContext | None:
+        def load() -> tuple[RequestContext, Grounds] | None:
             with self.rt.sessions() as session:
                 mdt = registry.load_mdt(session, mdt_id)
-                if mdt is None:
+                if mdt is None or not registry.mdt_open(mdt, now):
                     return None
                 membership = registry.active_membership(session, mdt=mdt, principal=principal, now=now)
-                if membership is None:
+                if membership is None and not has_court_order(session, youth_id=mdt.youth_id,
+                                                              principal=principal, now=now):
                     return None
-                return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
-                                      youth_id=mdt.youth_id, purpose=purpose, now=now, membership=membership,
-                                      links=registry.youth_links(session, youth_id=mdt.youth_id))
+                ctx = RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
+                                     youth_id=mdt.youth_id, purpose=purpose, now=now, membership=membership,
+                                     links=registry.youth_links(session, youth_id=mdt.youth_id))
+                with stage_span("grounds"):
+                    return ctx, self.rt.grounds.resolve(session, ctx)
 
         with stage_span("context"):
-            ctx = await to_thread.run_sync(load)
-        if ctx is None:
+            loaded = await to_thread.run_sync(load)
+        if loaded is None:
             raise Forbidden(NO_ACCESS)
+        ctx, grounds = loaded
         ex.youth_id = ctx.youth_id
-        return ctx
-
-    def _grounds(self, ex: Exchange, ctx: RequestContext) -> Grounds:
-        with stage_span("grounds"):
-            grounds = self.rt.grounds.resolve(ctx)
         ex.grounds = grounds
-        return grounds
+        return ctx, grounds
 
     def _decide(self, ex: Exchange, ctx: RequestContext, grounds: Grounds) -> DecisionSet:
+        """Per category, the least intrusive tier of grounds that the policy accepts."""
         with stage_span("decide"):
-            decisions = self.rt.policy.decide_all(role=ctx.principal.role, categories=self.rt.categories,
-                                                  purpose=ctx.purpose, grounds=grounds.items)
-        ex.decisions = decisions
-        ex.policy_version = decisions.policy_version
-        return decisions
+            decisions = []
+            for category in self.rt.categories:
+                decision = None
+                for tier in grounds.tiers(category):
+                    decision = self.rt.policy.decide(role=ctx.principal.role, category=category,
+                                                     purpose=ctx.purpose, grounds=tier)
+                    if decision.allowed:
+                        break
+                assert decision is not None
+                decisions.append(decision)
+            result = DecisionSet(decisions=tuple(decisions), policy_version=self.rt.policy.version)
+        ex.decisions = result
+        ex.policy_version = result.policy_version
+        ex.record_documents(grounds)
+        return result
+
+    async def _spend_limited_consents(self, ex: Exchange, decisions: DecisionSet, grounds: Grounds,
+                                      outcome: FilterOutcome) -> FilterOutcome:
+        """A single-disclosure authorization (HIV) is used up by the request that releases under it.
+
+        The use is taken atomically; if another request took it first, the items it would
+        have covered are withheld instead.
+        """
+        released_categories = {c for _r, cats in outcome.released for c in cats}
+        lost: set[str] = set()
+        for category in sorted(released_categories):
+            d = decisions.for_category(category)
+            if d is None or not d.allowed or not (d.ground or "").startswith("consent-"):
+                continue
+            covering = grounds.consent_ids.get(category, ())
+            ids = [i for i in covering if i in grounds.limited_consents]
+            if not ids or len(ids) < len(covering):  # an open-ended consent also covers it: spend nothing
+                continue
+
+            def spend(candidates: list[str] = ids) -> str | None:
+                from broker.consent.service import consume_disclosure
+
+                with self.rt.sessions() as session:
+                    for consent_id in candidates:
+                        if consume_disclosure(session, consent_id=consent_id):
+                            return consent_id
+                return None
+
+            used = await to_thread.run_sync(spend)
+            if used is None:
+                lost.add(category)
+            else:
+                ex.detail.setdefault("disclosures_spent", []).append(used)
+        if not lost:
+            return outcome
+        kept = [(r, cats) for r, cats in outcome.released if not (cats & lost)]
+        outcome.withheld_categories.update(lost)
+        outcome.released = kept
+        return outcome
+
+    def _cite_documents(self, resource: dict, categories: frozenset[str], ex: Exchange) -> None:
+        """Released under a consent or order: the item names it (42 CFR 2.32 asks for the consent)."""
+        refs = []
+        for category in sorted(categories):
+            d = ex.decisions.for_category(category) if ex.decisions else None
+            if d is None or d.ground is None or ex.grounds is None:
+                continue
+            if d.ground.startswith("consent-"):
+                refs += [f"Consent/{i}" for i in ex.grounds.consent_ids.get(category, ())]
+            elif d.ground == "court-order":
+                refs += [f"court-order/{i}" for i in ex.grounds.court_order_ids.get(category, ())]
+        if refs:
+            meta = resource.setdefault("meta", {})
+            meta.setdefault("extension", []).extend(
+                {"url": RELEASED_UNDER_URL, "valueReference": {"reference": ref}} for ref in dict.fromkeys(refs))
 
     async def _fetch(self, ex: Exchange, ctx: RequestContext, search: SearchRequest, resource_type: str,
                      allowed: frozenset[str]) -> list[tuple[dict, str, frozenset[str]]]:
@@ -275,7 +350,7 @@ class Pipeline:
                 page: list[dict], categories: set[str], *, has_more: bool) -> dict:
         """A searchset Bundle with no total and nothing that hints at withheld items."""
         base = f"{self.rt.settings.public_url}/mdts/{ex.mdt_id}/fhir"
-        query = "&".join(f"{k}={v}" for k, v in search.params)
+        query = urlencode(search.params)
         self_url = f"{base}/{resource_type}" + (f"?{query}" if query else "")
         links = [{"relation": "self", "url": self_url}]
         if has_more:
@@ -329,20 +404,23 @@ class Pipeline:
             elif json_body:
                 args = (await parse_json(request),)
 
-            def work() -> Any:
+            def work() -> tuple[Any, str | None]:
                 with self.rt.sessions() as session:
-                    return fn(session, principal, now, *args)
+                    result = fn(session, principal, now, *args)
+                    mdt = registry.load_mdt(session, ex.mdt_id) if ex.mdt_id and not ex.youth_id else None
+                    return result, (mdt.youth_id if mdt is not None else None)
 
             with stage_span("registry", action=action):
-                result = await to_thread.run_sync(work)
+                result, mdt_youth = await to_thread.run_sync(work)
             data = result if isinstance(result, dict) else result.model_dump(mode="json")
-            ex.youth_id = ex.youth_id or data.pop("_youth_id", None)
-            data.pop("_youth_id", None)
-            ex.youth_id = data.get("youth_id") or (data.get("id") if action.startswith("youth.") else youth_id)
+            ex.youth_id = (data.pop("_youth_id", None) or data.get("youth_id")
+                           or (data.get("id") if action.startswith("youth.") else None) or ex.youth_id
+                           or mdt_youth)
             if action.startswith("mdt.") and data.get("id") and not ex.mdt_id:
                 ex.mdt_id = data["id"]
-            if action.startswith("membership."):
-                ex.detail["membership_id"] = data.get("id")
+            kind = action.split(".", 1)[0]
+            if kind in DOCUMENT_ACTIONS and isinstance(data.get("id"), str):
+                ex.detail[DOCUMENT_ACTIONS[kind]] = data["id"]
             return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")
 
         return await self.run(request, action=action, route=route, handler=handler, mdt_id=mdt_id)

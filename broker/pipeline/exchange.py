@@ -6,7 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from broker.domain import DecisionSet, Grounds, Principal
+from broker.domain import DecisionSet, Principal
+from broker.grounds import Grounds
 
 
 @dataclass
@@ -35,12 +36,28 @@ class Exchange:
     sources: list[dict] = field(default_factory=list)
     error: str | None = None
     detail: dict = field(default_factory=dict)
+    consent_ids: list[str] = field(default_factory=list)
+    court_order_ids: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, *, action: str, method: str, route: str, request_id: str | None = None) -> "Exchange":
         """Begin a request; the request id is ours, never the caller's."""
         return cls(action=action, method=method, route=route, request_id=request_id or uuid.uuid4().hex,
                    started=datetime.now(timezone.utc))
+
+    def record_documents(self, grounds: Grounds) -> None:
+        """Which consents and orders the decisions actually relied on."""
+        consents: dict[str, None] = {}
+        orders: dict[str, None] = {}
+        for d in self.decisions.decisions if self.decisions else ():
+            if not d.allowed or d.ground is None:
+                continue
+            if d.ground.startswith("consent-"):
+                consents.update(dict.fromkeys(grounds.consent_ids.get(d.category, ())))
+            elif d.ground == "court-order":
+                orders.update(dict.fromkeys(grounds.court_order_ids.get(d.category, ())))
+        self.consent_ids = list(consents)
+        self.court_order_ids = list(orders)
 
     def audit_event(self, status: int) -> dict:
         """The audit event (fields of DESIGN.md 'Audit event'); identifiers, never record content."""
@@ -61,12 +78,13 @@ class Exchange:
             "purpose": self.purpose,
             "resource_type": self.resource_type,
             "grounds": {
-                "used": sorted(grounds.items) if grounds else [],
+                "used": sorted(grounds.all_grounds) if grounds else [],
                 "membership_id": grounds.membership_id if grounds else None,
-                "consent_ids": [],
-                "court_order_id": None,
-                "break_glass_id": None,
+                "consent_ids": self.consent_ids,
+                "court_order_ids": self.court_order_ids,
+                "break_glass_id": grounds.break_glass_id if grounds else None,
             },
+            "break_glass": bool(grounds and grounds.break_glass_id),
             "categories": {
                 "requested": sorted(d.category for d in decisions),
                 "released": sorted(self.released_categories),

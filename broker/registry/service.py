@@ -43,9 +43,14 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+def mdt_open(mdt: Mdt, now: datetime) -> bool:
+    """Open until its closing instant."""
+    return mdt.closed_at is None or _utc(mdt.closed_at) > now
+
+
 def active_membership(session: Session, *, mdt: Mdt, principal: Principal, now: datetime) -> Membership | None:
     """The requester's membership on an open MDT at this instant, matching agency and role."""
-    if mdt.closed_at is not None and _utc(mdt.closed_at) <= now:
+    if not mdt_open(mdt, now):
         return None
     rows = session.scalars(select(MembershipRow).where(
         MembershipRow.mdt_id == mdt.id, MembershipRow.sub == principal.sub)).all()

@@ -13,11 +13,16 @@ from broker.registry import schemas, service
 router = APIRouter(tags=["registry"])
 
 
+DOCUMENTED_BODIES: dict[str, type] = {}
+"""Body models referenced by routes; the app adds their schemas to the OpenAPI components."""
+
+
 def body_schema(model: type) -> dict:
     """Document a JSON body that the pipeline (not FastAPI) parses, so bad bodies are audited too."""
+    DOCUMENTED_BODIES[model.__name__] = model
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
-Id = Annotated[str, Path(max_length=128)]
+Id = Annotated[str, Path(max_length=64)]
 ERRORS = {400: {"description": "OperationOutcome"}, 401: {"description": "OperationOutcome"},
           403: {"description": "OperationOutcome"}, 409: {"description": "OperationOutcome"},
           503: {"description": "OperationOutcome"}}

@@ -1,7 +1,10 @@
 """Proves the default county policy against the case tables in policies/tests/*.yaml.
 
 Block tables (``blocks:``) are expanded to every role x purpose x grounds set, so a failure
-names the exact tuple, e.g. ``probation-officer/mental-health/TREAT/[mdt-member]``.
+names the exact tuple, e.g. ``probation-officer/mental-health/TREAT/[mdt-member]``. A grounds
+set may be limited to some purposes (``{grounds: [...], purposes: [...]}``) and may name
+``<consent>``: the category's own consent ground from vocabulary.yaml (``consent_grounds``), or
+every consent ground at once for a category that no consent covers.
 Explicit tables (``cases:``) are run as written.
 """
 
@@ -19,6 +22,7 @@ from broker.vocabulary import Vocabulary
 CASE_DIR = Path(__file__).resolve().parent
 POLICY_DIR = CASE_DIR.parent
 EXPECTS = ("allow", "deny")
+CONSENT = "<consent>"  # placeholder in grounds_sets for the category's own consent ground
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,49 @@ def _expected(vocab, source, block, denies, role, purpose, grounds) -> tuple[str
     return "deny", None
 
 
+@dataclass(frozen=True)
+class GroundsSet:
+    """A grounds set as written (may hold ``<consent>``) and the purposes it runs for."""
+
+    grounds: tuple[str, ...]
+    purposes: tuple[str, ...]
+
+    def for_category(self, vocab: Vocabulary, category: str) -> tuple[str, ...]:
+        """The concrete grounds for one category: ``<consent>`` replaced by its consent ground(s)."""
+        out: set[str] = set()
+        for ground in self.grounds:
+            if ground != CONSENT:
+                out.add(ground)
+            elif category in vocab.consent_grounds:
+                out.add(vocab.consent_grounds[category])
+            else:
+                out |= set(vocab.consent_grounds.values())
+        return tuple(sorted(out))
+
+
+def _grounds_sets(doc: dict, vocab: Vocabulary, source: str) -> list[GroundsSet]:
+    """``grounds_sets`` entries: a list (every purpose) or ``{grounds, purposes}``."""
+    out = []
+    for raw in doc.get("grounds_sets", []):
+        if isinstance(raw, dict):
+            if set(raw) != {"grounds", "purposes"} or not raw["purposes"]:
+                raise SpecError(f"{source}: a grounds set mapping needs grounds and purposes, not {sorted(raw)}")
+            grounds, purposes = list(raw["grounds"]), list(raw["purposes"])
+            _check_terms(vocab, source, "purpose", purposes, vocab.purposes)
+            if "*" in purposes:
+                raise SpecError(f"{source}: write a plain list for a grounds set that runs for every purpose")
+        else:
+            grounds, purposes = list(raw), list(vocab.purposes)
+        _check_terms(vocab, source, "ground", [g for g in grounds if g != CONSENT], vocab.grounds)
+        if len(set(grounds)) != len(grounds):
+            raise SpecError(f"{source}: grounds set {grounds} repeats a ground")
+        out.append(GroundsSet(tuple(grounds), tuple(dict.fromkeys(purposes))))
+    return out
+
+
 def _expand_blocks(doc: dict, vocab: Vocabulary, source: str) -> list[Case]:
     """Every role x purpose x grounds set of every block, with its expected outcome."""
-    grounds_sets = [tuple(sorted(g)) for g in doc.get("grounds_sets", [])]
-    for gs in grounds_sets:
-        _check_terms(vocab, source, "ground", list(gs), vocab.grounds)
+    grounds_sets = _grounds_sets(doc, vocab, source)
     everywhere = doc.get("everywhere", {}).get("deny", [])
     cases: list[Case] = []
     for block in doc["blocks"]:
@@ -98,7 +140,10 @@ def _expand_blocks(doc: dict, vocab: Vocabulary, source: str) -> list[Case]:
         denies = list(everywhere) + list(block.get("deny", []))
         for role in vocab.roles:
             for purpose in vocab.purposes:
-                for grounds in grounds_sets:
+                for gs in grounds_sets:
+                    if purpose not in gs.purposes:
+                        continue
+                    grounds = gs.for_category(vocab, category)
                     expect, citation = _expected(vocab, source, block, denies, role, purpose, grounds)
                     cases.append(Case(role, category, purpose, grounds, expect, citation, True, source))
     return cases
@@ -200,3 +245,71 @@ def test_every_rule_is_cited(engine: CasbinPolicyEngine) -> None:
     rules = [r for r in engine.rules if r.ptype == "p"]
     assert rules
     assert all(r.fields[5].strip() and '"' not in r.fields[5] for r in rules)
+
+
+# ---- Structural guarantees of the consent, court-order and break-glass rules -----------------
+# These hold for every rule, whatever the case tables say, so a future line that breaks one is
+# caught even before a case exercises it.
+
+COUNSEL = frozenset({"dependency-attorney", "public-defender"})
+DAGGER = frozenset({"district-attorney", "law-enforcement"})  # only a case against the exploiter
+EMERGENCY_PURPOSES = frozenset({"ETREAT", "THREAT"})
+
+
+def _allows(engine: CasbinPolicyEngine):
+    """Every allow rule as (line, role, category, purpose, ground)."""
+    return [(r.line, *r.fields[:4]) for r in engine.rules if r.ptype == "p" and r.fields[4] == "allow"]
+
+
+def test_consent_grounds_unlock_only_their_own_category(engine: CasbinPolicyEngine) -> None:
+    """A consent ground releases only the category whose consent yields it (no cross-category leak)."""
+    vocab = engine.vocabulary
+    consent_grounds = set(vocab.consent_grounds.values())
+    assert consent_grounds, "vocabulary.yaml maps no category to a consent ground"
+    wrong = [f"policy.csv:{line}" for line, _role, category, _purpose, ground in _allows(engine)
+             if ground in consent_grounds and vocab.consent_grounds.get(category) != ground]
+    assert not wrong, f"consent ground used for a category its consent does not cover: {wrong}"
+
+
+def test_no_allow_rule_for_a_category_no_consent_covers(engine: CasbinPolicyEngine) -> None:
+    """Psychotherapy notes: no allow rule at all, and a deny for every role, purpose and ground."""
+    vocab = engine.vocabulary
+    closed = [c for c in vocab.categories if c not in vocab.consent_grounds]
+    assert "psychotherapy-notes" in closed
+    for line, _role, category, _purpose, _ground in _allows(engine):
+        assert category not in closed and category != "*", f"policy.csv:{line} allows {category}"
+    deny_all = {r.fields[1] for r in engine.rules
+                if r.ptype == "p" and r.fields[4] == "deny" and r.fields[0] == r.fields[2] == r.fields[3] == "*"}
+    assert "psychotherapy-notes" in deny_all
+
+
+def test_break_glass_only_for_emergencies(engine: CasbinPolicyEngine) -> None:
+    """break-glass allows only emergency treatment or averting an imminent threat, never a wildcard."""
+    bad = [f"policy.csv:{line}" for line, _r, _c, purpose, ground in _allows(engine)
+           if ground == "break-glass" and purpose not in EMERGENCY_PURPOSES]
+    assert not bad, f"break-glass rules outside ETREAT/THREAT: {bad}"
+
+
+def test_consent_never_serves_a_legal_purpose_except_for_counsel_or_dagger(engine: CasbinPolicyEngine) -> None:
+    """HLEGAL on a consent only for the youth's counsel or (dagger) DA/LE; DA/LE consents only HLEGAL."""
+    consent_grounds = set(engine.vocabulary.consent_grounds.values())
+    bad = []
+    for line, role, _category, purpose, ground in _allows(engine):
+        if ground not in consent_grounds:
+            continue
+        if purpose in ("HLEGAL", "*") and role not in COUNSEL | DAGGER:
+            bad.append(f"policy.csv:{line} ({role} {purpose})")
+        if role in DAGGER | {"*"} and purpose != "HLEGAL":
+            bad.append(f"policy.csv:{line} ({role} {purpose})")
+    assert not bad, f"consent rules that could serve a case against the youth: {bad}"
+
+
+def test_new_grounds_are_exercised_for_every_category() -> None:
+    """The tables run every category with its consent ground, a court order and break-glass."""
+    vocab = Vocabulary.load(POLICY_DIR)
+    consent_grounds = set(vocab.consent_grounds.values())
+    for category in vocab.categories:
+        seen = {g for c in MATRIX if c.category == category for g in c.grounds}
+        assert {"court-order", "break-glass"} <= seen, category
+        own = vocab.consent_grounds.get(category)
+        assert (own in seen) if own else consent_grounds <= seen, category

@@ -28,6 +28,12 @@ SMALL_VOCABULARY = textwrap.dedent("""\
     grounds:
       mdt-member: Active MDT member
       own-statute: Own statutory access
+      consent-cmia: Civ. Code 56.11 authorization
+      consent-hiv: H&S 120980 authorization
+    consent_grounds:
+      general-health: consent-cmia
+      mental-health: consent-cmia
+      hiv: consent-hiv
     labels:
       confidentiality_system: http://terminology.hl7.org/CodeSystem/v3-Confidentiality
       sensitivity_system: http://terminology.hl7.org/CodeSystem/v3-ActCode

@@ -28,6 +28,31 @@ def test_repo_vocabulary_loads_with_labels_for_every_category(repo_policy_dir: P
         assert all(code in vocab.labels.obligation_text for code in spec.obligations)
 
 
+def test_repo_consent_grounds(repo_policy_dir: Path) -> None:
+    """Each category's consent yields its own ground; nothing ever yields one for psychotherapy notes."""
+    vocab = Vocabulary.load(repo_policy_dir)
+    assert {"consent-part2", "consent-hiv", "consent-cmia", "consent-education", "consent-release",
+            "court-order", "break-glass"} <= set(vocab.grounds)
+    specific = {"sud-part2": "consent-part2", "hiv": "consent-hiv", "general-health": "consent-cmia",
+                "mental-health": "consent-cmia", "reproductive-health": "consent-cmia", "sti": "consent-cmia",
+                "education": "consent-education"}
+    expected = {c: specific.get(c, "consent-release") for c in vocab.categories if c != "psychotherapy-notes"}
+    assert vocab.consent_grounds == expected
+    assert "psychotherapy-notes" in vocab.categories and "psychotherapy-notes" not in vocab.consent_grounds
+
+
+def test_small_vocabulary_consent_grounds(tmp_path: Path, small_vocabulary: str) -> None:
+    """consent_grounds loads as a plain category → ground dict; an empty mapping is valid (no consent counts)."""
+    vocab = Vocabulary.load(_write(tmp_path, small_vocabulary))
+    assert vocab.consent_grounds == {"general-health": "consent-cmia", "mental-health": "consent-cmia",
+                                     "hiv": "consent-hiv"}
+    empty = small_vocabulary.replace(
+        "consent_grounds:\n  general-health: consent-cmia\n  mental-health: consent-cmia\n  hiv: consent-hiv\n",
+        "consent_grounds: {}\n")
+    assert empty != small_vocabulary
+    assert Vocabulary.load(_write(tmp_path, empty)).consent_grounds == {}
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "vocabulary.yaml").write_text(text, encoding="utf-8")
     return tmp_path
@@ -58,6 +83,24 @@ BROKEN = [
     ("yaml-syntax", lambda t: t.replace("  casa: Court appointed special advocate", "  casa: [unclosed"),
      None, "invalid YAML"),
     ("description-not-string", lambda t: t.replace("  hiv: HIV", "  hiv: 12"), "  hiv: 12", "non-empty string"),
+    ("consent-psychotherapy-notes", lambda t: t.replace("  hiv: consent-hiv\n",
+                                                        "  hiv: consent-hiv\n  psychotherapy-notes: consent-cmia\n"),
+     "  psychotherapy-notes: consent-cmia", "no consent ever covers it"),
+    ("consent-unknown-category",
+     lambda t: t.replace("  hiv: consent-hiv\n", "  hiv: consent-hiv\n  sud: consent-hiv\n"),
+     "  sud: consent-hiv", "unknown category 'sud'"),
+    ("consent-unknown-ground", lambda t: t.replace("  hiv: consent-hiv\n", "  hiv: consent-part2\n"),
+     "  hiv: consent-part2", "unknown ground 'consent-part2'"),
+    ("consent-not-a-consent-ground", lambda t: t.replace("  hiv: consent-hiv\n", "  hiv: mdt-member\n"),
+     "  hiv: mdt-member", "not a consent ground"),
+    ("consent-duplicate-category",
+     lambda t: t.replace("  hiv: consent-hiv\n", "  hiv: consent-hiv\n  hiv: consent-cmia\n"),
+     "  hiv: consent-cmia", "duplicate key 'hiv'"),
+    ("consent-ground-not-string", lambda t: t.replace("  hiv: consent-hiv\n", "  hiv: [consent-hiv]\n"),
+     "  hiv: [consent-hiv]", "non-empty string"),
+    ("consent-grounds-not-mapping", lambda t: t.replace(
+        "consent_grounds:\n  general-health: consent-cmia\n  mental-health: consent-cmia\n  hiv: consent-hiv\n",
+        "consent_grounds:\n  - hiv\n"), "  - hiv", "must be a mapping"),
 ]
 
 
@@ -89,6 +132,15 @@ def test_missing_section(tmp_path: Path, small_vocabulary: str) -> None:
     """Every section is required, so code that reads it never meets a KeyError."""
     text = small_vocabulary.replace("admin_roles:\n  registry-admin: County IT\n", "")
     with pytest.raises(PolicyError, match="missing section 'admin_roles'"):
+        Vocabulary.load(_write(tmp_path, text))
+
+
+def test_missing_consent_grounds_section(tmp_path: Path, small_vocabulary: str) -> None:
+    """consent_grounds is required: a county policy must say which consent unlocks what."""
+    text = small_vocabulary.replace(
+        "consent_grounds:\n  general-health: consent-cmia\n  mental-health: consent-cmia\n  hiv: consent-hiv\n", "")
+    assert text != small_vocabulary
+    with pytest.raises(PolicyError, match="missing section 'consent_grounds'"):
         Vocabulary.load(_write(tmp_path, text))
 
 

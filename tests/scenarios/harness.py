@@ -27,6 +27,8 @@ PUBLIC_URL = "http://127.0.0.1:8000"
 EHR_SYSTEM = "urn:mdt-broker:demo:county-ehr"
 EHR_TYPES = ["Patient", "Observation", "Condition", "DocumentReference", "MedicationRequest", "Immunization",
              "Encounter"]
+CWS_SYSTEM = "urn:mdt-broker:test:county-cws"
+CWS_TYPES = ["EpisodeOfCare", "DocumentReference"]
 
 AGENCIES = {
     "cws": ["child-welfare-worker", "registry-admin"],
@@ -94,8 +96,15 @@ def write_key(path: Path) -> Path:
     return path
 
 
-def make_settings(tmp: Path, database_url: str, fhir_base_url: str, **overrides) -> Settings:
-    """Production-mode settings on loopback."""
+def make_settings(tmp: Path, database_url: str, fhir_base_url: str, cws_base_url: str | None = None,
+                  **overrides) -> Settings:
+    """Production-mode settings on loopback; optionally a child welfare source on a second server."""
+    sources = [SourceConfig(name="county-ehr", kind="fhir", base_url=fhir_base_url, identifier_system=EHR_SYSTEM,
+                            default_categories=["general-health"], resource_types=EHR_TYPES, timeout=5)]
+    if cws_base_url:
+        sources.append(SourceConfig(name="county-cws", kind="fhir", base_url=cws_base_url,
+                                    identifier_system=CWS_SYSTEM, default_categories=["child-welfare-case"],
+                                    resource_types=CWS_TYPES, timeout=5))
     values = dict(
         mode="production",
         database_url=database_url,
@@ -103,16 +112,14 @@ def make_settings(tmp: Path, database_url: str, fhir_base_url: str, **overrides)
         issuer=PUBLIC_URL,
         signing_key_file=write_key(tmp / "broker.pem"),
         policy_dir=REPO_POLICY_DIR,
-        sources=[SourceConfig(name="county-ehr", kind="fhir", base_url=fhir_base_url,
-                              identifier_system=EHR_SYSTEM, default_categories=["general-health"],
-                              resource_types=EHR_TYPES, timeout=5)],
+        sources=sources,
         log_level="WARNING",
     )
     values.update(overrides)
     return Settings(**values)
 
 
-def seed(database_url: str, keys: dict[str, BrokerKey]) -> None:
+def seed(database_url: str, keys: dict[str, BrokerKey], *, cws: bool = False) -> None:
     """Agencies, clients, staff, three youth and their teams."""
     upgrade(database_url)
     engine = make_engine(database_url)
@@ -130,6 +137,8 @@ def seed(database_url: str, keys: dict[str, BrokerKey]) -> None:
             s.add(Youth(id=youth, birth_date=None, created_at=now, created_by="seed"))
             s.flush()
             s.add(YouthIdentifier(youth_id=youth, source="county-ehr", system=EHR_SYSTEM, value=patient))
+        if cws:
+            s.add(YouthIdentifier(youth_id="y-alpha", source="county-cws", system=CWS_SYSTEM, value="cws-0001"))
         for mdt, youth in TEAMS.items():
             s.add(Mdt(id=mdt, youth_id=youth, lead_agency_id="cws", opened_at=now - timedelta(days=60),
                       closed_at=None, created_by="seed"))
@@ -193,13 +202,14 @@ class Broker:
         await self.runtime.aclose()
 
 
-async def start_broker(tmp: Path, database_url: str, fhir_base_url: str, **overrides) -> Broker:
+async def start_broker(tmp: Path, database_url: str, fhir_base_url: str, cws_base_url: str | None = None,
+                       **overrides) -> Broker:
     """Seed a database and build a broker on it."""
     keys = {}
     for agency in AGENCIES:
         keys[agency] = BrokerKey.from_pem(write_key(tmp / f"{agency}.pem").read_bytes())
-    seed(database_url, keys)
-    settings = make_settings(tmp, database_url, fhir_base_url, **overrides)
+    seed(database_url, keys, cws=cws_base_url is not None)
+    settings = make_settings(tmp, database_url, fhir_base_url, cws_base_url, **overrides)
     runtime = build_runtime(settings)
     app = create_app(runtime=runtime)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)

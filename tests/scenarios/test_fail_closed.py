@@ -20,7 +20,7 @@ def _boom(*_a, **_k):
 @pytest.mark.parametrize("stage", ["grounds", "decide", "classify", "label", "context"])
 async def test_a_failing_stage_releases_nothing(broker, monkeypatch, stage):
     rt = broker.runtime
-    target = {"grounds": (rt.grounds, "resolve"), "decide": (rt.policy, "decide_all"),
+    target = {"grounds": (rt.grounds, "resolve"), "decide": (rt.policy, "decide"),
               "classify": (rt.classifier, "classify"), "label": (rt.labeller, "label"),
               "context": (rt, "sessions")}[stage]
     token = await broker.token("mh")
