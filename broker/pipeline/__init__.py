@@ -374,10 +374,13 @@ class Pipeline:
                     "search": {"mode": "outcome"}})
         if entries:
             bundle["entry"] = entries
-        notices = self.rt.labeller.obligation_notices(self.rt.labeller.summarize(categories)[2])
-        if notices:
-            bundle["meta"]["extension"] = [{"url": OBLIGATION_NOTICE_URL, "valueString": n["text"]}
-                                           for n in notices if n["text"]]
+        extensions = [{"url": OBLIGATION_NOTICE_URL, "valueString": n["text"]} for n in
+                      self.rt.labeller.obligation_notices(self.rt.labeller.summarize(categories)[2]) if n["text"]]
+        documents = dict.fromkeys(e["valueReference"]["reference"] for r in page
+                                  for e in r.get("meta", {}).get("extension", []) if e.get("url") == RELEASED_UNDER_URL)
+        extensions += [{"url": RELEASED_UNDER_URL, "valueReference": {"reference": ref}} for ref in documents]
+        if extensions:
+            bundle["meta"]["extension"] = extensions
         return bundle
 
     # ---- registry routes --------------------------------------------------------------

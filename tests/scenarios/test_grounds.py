@@ -56,6 +56,10 @@ async def test_probation_sees_part2_records_only_with_a_consent_naming_probation
     consent_id = await _file(gb, _sud())
     with_consent = await _ids(gb, "po", "Condition", "COC")
     assert "alpha-cond-cannabis" in with_consent
+    bundle = (await gb.get("/mdts/mdt-alpha/fhir/Condition", alias="po", purpose="COC")).json()
+    notices = [e for e in bundle["meta"]["extension"]]
+    assert {"valueReference": {"reference": f"Consent/{consent_id}"}}.items() <= notices[-1].items()
+    assert any("42 CFR 2.32" in e.get("valueString", "") for e in notices)
     r = await gb.get("/mdts/mdt-alpha/fhir/Condition/alpha-cond-cannabis", alias="po", purpose="COC")
     labels = {s["code"] for s in r.json()["meta"]["security"]}
     assert {"PART2NOTICE", "NORDSCLCD", "NOUSEAGAINSTYOUTH"} <= labels
@@ -174,24 +178,52 @@ async def test_a_court_order_gives_the_da_the_case_file_but_never_youth_statemen
 
 @pytest.mark.postgres
 async def test_revocation_is_seen_by_another_broker_process_on_the_same_database(tmp_path, pg_server, fhir_server):
-    """Two runtimes (separate engines and pools, as two processes have) share one PostgreSQL."""
-    url = pg_server.create_database()
+    """Broker A (in this process) revokes; broker B (a separate `broker serve` process) denies next."""
+    import os
+    import subprocess
+    import sys
+
     import httpx
+    import yaml
 
-    from broker.app import create_app
-    from broker.runtime import build_runtime
+    from tests.support.ports import free_port
 
+    url = pg_server.create_database()
     a = await start_broker(tmp_path, url, fhir_server.base_url)
-    runtime_b = build_runtime(a.runtime.settings)
-    client_b = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(runtime=runtime_b)),
-                                 base_url=str(a.client.base_url))
-    b = Broker(runtime=runtime_b, client=client_b, keys=a.keys)
+    settings = a.runtime.settings
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(yaml.safe_dump({"sources": [s.model_dump(mode="json") for s in settings.sources]}))
+    port = free_port()
+    env = {**os.environ, "BROKER_DATABASE_URL": url, "BROKER_PUBLIC_URL": settings.public_url,
+           "BROKER_ISSUER": settings.issuer, "BROKER_SIGNING_KEY_FILE": str(settings.signing_key_file),
+           "BROKER_SOURCES_FILE": str(sources), "BROKER_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-m", "broker.cli", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client_b = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
     try:
+        for _ in range(200):
+            try:
+                if (await client_b.get("/healthz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(process.stderr.read().decode()[-2000:] if process.poll() is not None else "no start")
+
+        async def ids_b() -> set[str]:
+            token = await a.token("po")
+            r = await client_b.get("/mdts/mdt-alpha/fhir/Condition", headers={
+                "Authorization": f"Bearer {token}", "X-Purpose-Of-Use": "COC"})
+            assert r.status_code == 200, r.text
+            return {e["resource"]["id"] for e in r.json().get("entry", [])}
+
         consent_id = await _file(a, _sud())
-        assert await _ids(b, "po", "Condition", "COC") & SUD_ITEMS
+        assert await ids_b() & SUD_ITEMS
         assert (await _post(a, "cw", f"/consents/{consent_id}/revoke")).status_code == 200
-        assert not (await _ids(b, "po", "Condition", "COC")) & SUD_ITEMS
+        assert not (await ids_b()) & SUD_ITEMS
     finally:
         await client_b.aclose()
-        await runtime_b.aclose()
+        process.terminate()
+        process.wait(timeout=10)
         await a.aclose()
