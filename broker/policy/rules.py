@@ -114,3 +114,8 @@ def _check_p(path: Path, rule: PolicyRule, vocabulary: Vocabulary, groups: dict[
         raise PolicyError(path, line, "every rule needs a citation (the statute or regulation it encodes)")
     if effect == "allow" and ground == WILDCARD:
         raise PolicyError(path, line, "an allow rule must name the ground it relies on (not *)")
+    consent_grounds = getattr(vocabulary, "consent_grounds", {}) or {}
+    if effect == "allow" and ground in set(consent_grounds.values()) and category in vocabulary.categories \
+            and consent_grounds.get(category) != ground:
+        raise PolicyError(path, line, f"a {ground} consent never covers {category!r} "
+                                      "(see consent_grounds in vocabulary.yaml)")

@@ -104,3 +104,21 @@ def test_policy_error_str_without_line() -> None:
     """Errors about a whole file print just the file."""
     assert str(PolicyError("policies/model.conf", None, "missing")) == "policies/model.conf: missing"
     assert str(PolicyError("policies/policy.csv", 7, "bad")) == "policies/policy.csv:7: bad"
+
+
+def test_a_consent_ground_on_another_category_is_refused(tmp_path):
+    """An HIV authorization can never unlock Part 2 records: such a rule is a load error."""
+    from broker.policy.engine import CasbinPolicyEngine
+    from broker.policy.errors import PolicyError
+    from broker.settings import REPO_POLICY_DIR
+
+    for name in ("model.conf", "vocabulary.yaml"):
+        (tmp_path / name).write_text((REPO_POLICY_DIR / name).read_text())
+    (tmp_path / "policy.csv").write_text(
+        'p, probation-officer, sud-part2, COC, consent-hiv, allow, "H&S 120980"\n')
+    try:
+        CasbinPolicyEngine.load(tmp_path)
+    except PolicyError as err:
+        assert err.line == 1 and "consent-hiv" in str(err) and "policy.csv:1" in str(err)
+    else:
+        raise AssertionError("the rule was accepted")
