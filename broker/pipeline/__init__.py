@@ -247,6 +247,7 @@ class Pipeline:
                     if decision.allowed:
                         break
                 assert decision is not None
+                ex.evaluated[category] = sorted(tier)  # the exact input, so a candidate policy can replay it
                 decisions.append(decision)
             result = DecisionSet(decisions=tuple(decisions), policy_version=self.rt.policy.version)
         ex.decisions = result

@@ -37,6 +37,7 @@ class Exchange:
     error: str | None = None
     detail: dict = field(default_factory=dict)
     consent_ids: list[str] = field(default_factory=list)
+    evaluated: dict[str, list[str]] = field(default_factory=dict)
     court_order_ids: list[str] = field(default_factory=list)
 
     @classmethod
@@ -92,6 +93,7 @@ class Exchange:
             },
             "decisions": [
                 {"category": d.category, "effect": d.effect, "ground": d.ground,
+                 "grounds_evaluated": self.evaluated.get(d.category, []),
                  "rule": list(d.rule) if d.rule else None, "citation": d.citation}
                 for d in decisions
             ],
