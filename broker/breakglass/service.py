@@ -19,17 +19,13 @@ from broker.breakglass import schemas
 from broker.domain import Principal
 from broker.errors import NO_ACCESS, Forbidden
 from broker.registry.service import active_membership
+from broker.store.db import as_utc as _utc
 from broker.store.models import BreakGlassGrant, Mdt
 
 BREAK_GLASS = "break-glass"
 PENDING = "pending"
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything stored is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _member_team(session: Session, *, mdt_id: str, principal: Principal, now: datetime) -> Mdt | None:

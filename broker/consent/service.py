@@ -28,6 +28,7 @@ from broker.domain import Principal
 from broker.errors import NO_ACCESS, Forbidden, Unprocessable
 from broker.grounds import recipient_matches
 from broker.registry.service import ADMIN_ROLE, active_membership
+from broker.store.db import as_utc as _utc
 from broker.store.models import Agency, ConsentRow, Mdt, Staff, Youth
 
 FILER_ROLES = frozenset({"child-welfare-worker", "dependency-attorney", "mental-health-clinician",
@@ -36,11 +37,6 @@ ACTIVE, REVOKED = "active", "revoked"
 REVOKED_AT_URL = "https://mdt-broker.example.org/StructureDefinition/revoked-at"
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything stored is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
 
 
 def _membership_role(session: Session, *, principal: Principal, youth_id: str, now: datetime) -> str | None:

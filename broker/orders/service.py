@@ -17,8 +17,10 @@ from sqlalchemy.orm import Session
 
 from broker.domain import Principal
 from broker.errors import NO_ACCESS, BadRequest, Conflict, Forbidden
+from broker.grounds import recipient_matches
 from broker.orders import schemas
 from broker.registry.service import ADMIN_ROLE, active_membership
+from broker.store.db import as_utc as _utc
 from broker.store.models import Agency, CourtOrderRow, Mdt, Youth
 from broker.vocabulary import Vocabulary
 
@@ -28,21 +30,11 @@ PSYCHOTHERAPY_NOTES = "psychotherapy-notes"
 """Never released through the broker, not even under an order (45 CFR 164.508(a)(2); Evid. 1014)."""
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything stored is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def names_principal(recipients: list[dict[str, Any]], principal: Principal) -> bool:
     """An order names a requester by person (sub), team role or agency; any one suffices."""
-    for r in recipients or ():
-        kind, value = r.get("kind"), r.get("value")
-        if (kind == "person" and value == principal.sub) or (kind == "role" and value == principal.role) \
-                or (kind == "agency" and value == principal.agency):
-            return True
-    return False
+    return recipient_matches(recipients, principal)
 
 
 def in_force(order: CourtOrderRow, now: datetime) -> bool:

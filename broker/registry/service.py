@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from broker.domain import Membership, Principal, SourceLink
 from broker.errors import NO_ACCESS, BadRequest, Conflict, Forbidden, NotFound
 from broker.registry import schemas
+from broker.store.db import as_utc as _utc
 from broker.store.models import Agency, Mdt, MembershipRow, Staff, Youth, YouthIdentifier
 
 ADMIN_ROLE = "registry-admin"
@@ -34,13 +35,6 @@ def to_membership(row: MembershipRow) -> Membership:
                       statutory=row.statutory, valid_from=_utc(row.valid_from), valid_to=_utc(row.valid_to))
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything stored is UTC."""
-    from datetime import timezone
-
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
 
 
 def mdt_open(mdt: Mdt, now: datetime) -> bool:
