@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     sources: list[SourceConfig] = Field(default_factory=list)
     sources_file: Path | None = None
     break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    break_glass_review_max_age_hours: int = Field(default=72, ge=1, le=24 * 90)
+    audit_key_file: Path | None = Field(default=None, description="Ed25519 private key (PEM) that signs "
+                                        "audit checkpoints; without it checkpoints are not written")
+    audit_checkpoint_interval_seconds: int = Field(default=300, ge=5, le=86400)
+    audit_retention_days: int = Field(default=6 * 365 + 2, ge=365)
+    audit_archive_dir: Path | None = None
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_count: int = Field(default=200, ge=1, le=1000)
     log_level: str = "INFO"

@@ -251,3 +251,36 @@ class BreakGlassGrant(Base):
     reviewed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     reviewed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
     review_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the chain head (Ed25519): rewriting the whole chain needs the key."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime]
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+    """Base64 Ed25519 signature over the canonical JSON of {seq, head_hash, time, key_id}."""
+    reason: Mapped[str] = mapped_column(String(32))
+    """interval | shutdown | archive | manual"""
+
+
+class AuditArchive(Base):
+    """Events moved out of the live table into a signed, compressed NDJSON file."""
+
+    __tablename__ = "audit_archives"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    first_seq: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    first_prev_hash: Mapped[str] = mapped_column(String(64))
+    last_hash: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64))
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("audit_checkpoints.id"))
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(128))
