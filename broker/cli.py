@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_up = db_sub.add_parser("upgrade", help="apply migrations")
     db_up.set_defaults(func=cmd_db_upgrade)
 
+    from broker.policy.cli_lint import add_parser as add_policy_lint
+    from broker.policy.cli_policy import add_parsers as add_policy_parsers
+
+    policy = sub.add_parser("policy", help="policy tools for county counsel: lint, test, explain")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    add_policy_lint(policy_sub)
+    add_policy_parsers(policy_sub)
+
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
 

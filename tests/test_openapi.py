@@ -20,5 +20,5 @@ def test_every_route_is_documented_with_errors():
     doc = generate()
     assert "/mdts/{mdt_id}/fhir/{resource_type}" in doc["paths"]
     assert "/oauth/token" in doc["paths"]
-    for name in ("YouthIn", "MdtIn", "MembershipIn", "CourtOrderIn", "BreakGlassIn"):
+    for name in ("YouthIn", "MdtIn", "MembershipIn", "CourtOrderIn", "BreakGlassIn", "DecideIn"):
         assert name in doc["components"]["schemas"]
