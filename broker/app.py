@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     """Build the app; with a runtime given (tests), use it as is."""
     from broker.api import fhir, health, oauth
     from broker.api import policy as policy_api
+    from broker.audit import api as audit_api
     from broker.breakglass import views as breakglass_views
     from broker.consent import views as consent_views
     from broker.observability import configure_logging, configure_tracing
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.include_router(order_views.router)
     app.include_router(breakglass_views.router)
     app.include_router(policy_api.router)
+    app.include_router(audit_api.router)
     app.include_router(fhir.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)

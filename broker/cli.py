@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _settings_from_env():  # type: ignore[no-untyped-def]
@@ -167,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--database-url", default=None)
     verify.add_argument("--demo", action="store_true", help="verify the demo database")
     verify.set_defaults(func=cmd_audit_verify)
+    from broker.audit import cli_review
+
+    cli_review.add_parsers(audit_sub)
     return parser
 
 

@@ -9,7 +9,7 @@ errors are fixed texts that never echo what was sent.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from broker.app import create_app
-from broker.breakglass.views import router
-from tests.scenarios.harness import PUBLIC_URL, Broker, start_broker
+from tests.scenarios.harness import Broker, start_broker
 
 # No test here reads records, so the source never has to answer: nothing listens on this port.
 NO_FHIR = "http://127.0.0.1:9/fhir"
 WINDOW_MINUTES = 7
 """Not the default 60, so a test can tell that the grant window comes from the settings."""
-
-
-def with_routes(app: FastAPI) -> FastAPI:
-    """Add the break-glass routes unless the app factory already includes them."""
-    paths = {getattr(r, "path", None) for r in app.routes}
-    if "/mdts/{mdt_id}/break-glass" not in paths:
-        app.include_router(router)
-    return app
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -32,8 +20,5 @@ async def bg_broker(request, tmp_path) -> Broker:  # type: ignore[no-untyped-def
     else:
         url = request.getfixturevalue("pg_server").create_database()
     b = await start_broker(tmp_path, url, NO_FHIR, break_glass_minutes=WINDOW_MINUTES)
-    await b.client.aclose()
-    app = with_routes(create_app(runtime=b.runtime))
-    b.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)
     yield b
     await b.aclose()

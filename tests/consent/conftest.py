@@ -1,8 +1,4 @@
-"""A real broker with the consent routes, once per backend, on the real FHIR server.
-
-``broker/app.py`` does not include the consent router yet, so the app is built here with
-``create_app(runtime=...)`` and the router added, exactly as the app will include it.
-"""
+"""A real broker, once per backend, on the real FHIR server."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import pytest
 
 from broker.app import create_app
 from broker.auth.keys import BrokerKey
-from broker.consent import views
 from broker.runtime import build_runtime
 from tests.scenarios.harness import AGENCIES, PUBLIC_URL, Broker, make_settings, seed, write_key
 
@@ -22,8 +17,6 @@ async def start_consent_broker(tmp, database_url: str, fhir_base_url: str) -> Br
     seed(database_url, keys)
     runtime = build_runtime(make_settings(tmp, database_url, fhir_base_url))
     app = create_app(runtime=runtime)
-    if not any(getattr(r, "path", None) == "/consents" for r in app.routes):
-        app.include_router(views.router)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)
     return Broker(runtime=runtime, client=client, keys=keys)
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from sqlalchemy import select
 
-from broker.app import create_app
 from broker.policy import CasbinPolicyEngine
-from broker.registry.views import DOCUMENTED_BODIES
 from broker.store.models import AuditEventRow
-from tests.scenarios.harness import PERSONAS, PUBLIC_URL, Broker, start_broker
+from tests.scenarios.harness import PERSONAS, Broker, start_broker
 
 DECIDE = "/policy/decide"
 PO_PART2 = {"role": "probation-officer", "category": "sud-part2", "purpose": "COC", "grounds": ["mdt-member"]}
@@ -20,26 +17,14 @@ PO_PART2 = {"role": "probation-officer", "category": "sud-part2", "purpose": "CO
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def pb(request, tmp_path, fhir_server) -> Broker:  # type: ignore[no-untyped-def]
-    """A fresh broker whose app serves the policy routes (added here until the app factory includes them)."""
+    """A fresh broker on each backend."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'broker.sqlite'}"
     else:
         url = request.getfixturevalue("pg_server").create_database()
     b = await start_broker(tmp_path, url, fhir_server.base_url)
-    app = create_app(runtime=b.runtime)
-    wired = any(getattr(r, "path", None) == DECIDE for r in app.routes)
-    documented = dict(DOCUMENTED_BODIES)
-    if not wired:
-        from broker.api import policy
-
-        app.include_router(policy.router)
-    await b.client.aclose()
-    b.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)
     yield b
     await b.aclose()
-    if not wired:  # the unwired app's committed OpenAPI document must not gain DecideIn from this test
-        DOCUMENTED_BODIES.clear()
-        DOCUMENTED_BODIES.update(documented)
 
 
 async def _auth(b: Broker, alias: str) -> dict[str, str]:
