@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     """Build the app; with a runtime given (tests), use it as is."""
     from broker.api import fhir, health, oauth
     from broker.api import policy as policy_api
+    from broker.api import audit_integrity, policy_admin
     from broker.audit import api as audit_api
     from broker.breakglass import views as breakglass_views
     from broker.consent import views as consent_views
@@ -99,16 +100,27 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     configure_logging(settings.log_level)
     configure_tracing(settings.otel_exporter, settings.otel_endpoint)
 
+    from broker.policy.reload import PolicyReloader
+
+    reloader = PolicyReloader(runtime, policy_dir=settings.policy_dir, override=settings.policy_override_file)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
-        yield
-        await runtime.aclose()
+        stop = _start_policy_triggers(reloader, watch=settings.policy_watch)
+        stop_checkpoints = _start_checkpoints(runtime)
+        try:
+            yield
+        finally:
+            await stop()
+            await stop_checkpoints()  # the final checkpoint, before the engine is disposed
+            await runtime.aclose()
 
     app = FastAPI(title="mdt-broker", version=__version__, lifespan=lifespan,
                   docs_url="/docs" if settings.mode == "demo" else None, redoc_url=None,
                   description="Consent-aware information-sharing broker for CSEC multidisciplinary teams.")
     app.state.runtime = runtime
     app.state.pipeline = Pipeline(runtime)
+    app.state.policy_reloader = reloader
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(oauth.router)
@@ -117,12 +129,63 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.include_router(order_views.router)
     app.include_router(breakglass_views.router)
     app.include_router(policy_api.router)
+    app.include_router(policy_admin.router)
     app.include_router(audit_api.router)
+    app.include_router(audit_integrity.router)
     app.include_router(fhir.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _start_checkpoints(runtime: Runtime):  # type: ignore[no-untyped-def]
+    """Sign the audit chain head periodically and once more on shutdown; returns an async stopper."""
+    import asyncio
+    import contextlib
+
+    from broker.audit.checkpoint import CheckpointTask
+
+    if runtime.audit_key is None:
+        async def nothing() -> None:
+            return None
+
+        return nothing
+    task = CheckpointTask(runtime.sessions, runtime.audit_key, runtime.settings.audit_checkpoint_interval_seconds)
+    running = asyncio.get_running_loop().create_task(task.run())
+
+    async def stop() -> None:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await task.final()
+
+    return stop
+
+
+def _start_policy_triggers(reloader: Any, *, watch: bool):  # type: ignore[no-untyped-def]
+    """SIGHUP (main thread only) and, if configured, the file watcher; returns an async stopper."""
+    import asyncio
+    import contextlib
+
+    from broker.policy.reload import install_sighup
+    from broker.policy.reload import watch as watch_files
+
+    loop = asyncio.get_running_loop()
+    uninstall = None
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+        uninstall = install_sighup(reloader, loop)
+    watcher = loop.create_task(watch_files(reloader)) if watch else None
+
+    async def stop() -> None:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if uninstall is not None:
+            uninstall()
+
+    return stop
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -89,21 +89,32 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Recompute the audit hash chain; exit 1 at the first broken event."""
+    """Recompute the audit hash chain and check signed checkpoints; exit 1 at the first broken event."""
+    from broker.audit.cli_audit import run_verify_export
     from broker.audit.verify import format_report, verify_chain
     from broker.store.db import make_engine, make_sessionmaker
 
+    if getattr(args, "export", None) is not None:
+        return run_verify_export(args)
+    key_file = None
     if args.demo:
         from broker import demo
 
-        url = demo.demo_settings(demo.state_dir()).database_url
+        demo_settings = demo.demo_settings(demo.state_dir())
+        url, key_file = demo_settings.database_url, demo_settings.audit_key_file
     elif args.database_url:
         url = args.database_url
     else:
-        url = _settings_from_env().database_url
+        settings = _settings_from_env()
+        url, key_file = settings.database_url, settings.audit_key_file
+    public_key = None
+    if key_file is not None:
+        from broker.audit.checkpoint import load_audit_key
+
+        public_key = load_audit_key(key_file).public_key
     engine = make_engine(url)
     try:
-        report = verify_chain(make_sessionmaker(engine), from_seq=args.from_seq)
+        report = verify_chain(make_sessionmaker(engine), from_seq=args.from_seq, public_key=public_key)
     finally:
         engine.dispose()
     print(format_report(report))
@@ -155,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     add_policy_lint(policy_sub)
     add_policy_parsers(policy_sub)
+    from broker.policy.cli_impact import add_parser as add_policy_impact
+
+    add_policy_impact(policy_sub)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
@@ -166,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--database-url", default=None)
     verify.add_argument("--demo", action="store_true", help="verify the demo database")
     verify.set_defaults(func=cmd_audit_verify)
-    from broker.audit import cli_review
+    from broker.audit import cli_audit, cli_review
 
+    cli_audit.add_verify_arguments(verify)
+    cli_audit.add_parsers(audit_sub)
     cli_review.add_parsers(audit_sub)
     return parser
 

@@ -80,12 +80,18 @@ def ensure_keys(directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
+    from broker.audit.checkpoint import generate_audit_key_pem
+
     names = ["broker"] + sorted({p.client_id for p in PEOPLE})
     for name in names:
         path = directory / f"{name}.pem"
         if not path.exists():
             path.write_bytes(generate_private_key_pem("EC"))
             os.chmod(path, 0o600)
+    audit_key = directory / "audit-ed25519.pem"
+    if not audit_key.exists():
+        audit_key.write_bytes(generate_audit_key_pem())
+        os.chmod(audit_key, 0o600)
 
 
 def demo_settings(directory: Path, *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
@@ -96,6 +102,7 @@ def demo_settings(directory: Path, *, host: str = "127.0.0.1", port: int = 8000)
         public_url=f"http://{host}:{port}",
         issuer=f"http://{host}:{port}",
         signing_key_file=directory / "broker.pem",
+        audit_key_file=directory / "audit-ed25519.pem",
         policy_dir=REPO_POLICY_DIR,
         sources=[SourceConfig(name="county-ehr", kind="static-fhir", data_dir=DEMO_DATA,
                               identifier_system=EHR_SYSTEM, default_categories=["general-health"],

@@ -40,7 +40,7 @@ SPAN_KEYS = frozenset({
 })
 """Span attributes that may be recorded; everything else is dropped silently."""
 
-LOG_KEYS = SPAN_KEYS | {"event", "level", "timestamp", "logger", "trace_id", "span_id"}
+LOG_KEYS = SPAN_KEYS | {"event", "level", "timestamp", "logger", "trace_id", "span_id", "policy_location"}
 """Log fields that may be written; everything else is dropped silently."""
 
 _SCALARS = (str, int, float, bool)

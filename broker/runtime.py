@@ -44,6 +44,8 @@ class Runtime:
     connectors: dict[str, Connector]
     audit: Any
     source_timeouts: dict[str, float] = field(default_factory=dict)
+    audit_key: Any = None
+    """The Ed25519 key that signs audit checkpoints (None: checkpoints are not written)."""
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -93,7 +95,7 @@ def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtim
     sessions = make_sessionmaker(engine)
     key = load_signing_key(settings.signing_key_file)
     vocabulary = Vocabulary.load(settings.policy_dir)
-    policy = CasbinPolicyEngine.load(settings.policy_dir, vocabulary)
+    policy = CasbinPolicyEngine.load(settings.policy_dir, vocabulary, override=settings.policy_override_file)
     classifier = Classifier.from_dir(settings.policy_dir / "valuesets", set(vocabulary.categories))
     connectors = {cfg.name: load_connector(cfg) for cfg in settings.sources}
     for cfg in settings.sources:
@@ -120,4 +122,14 @@ def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtim
         connectors=connectors,
         audit=SqlAuditSink(sessions),
         source_timeouts={cfg.name: cfg.timeout for cfg in settings.sources},
+        audit_key=_audit_key(settings),
     )
+
+
+def _audit_key(settings: Settings):  # type: ignore[no-untyped-def]
+    """Load the checkpoint signing key when one is configured."""
+    if settings.audit_key_file is None:
+        return None
+    from broker.audit.checkpoint import load_audit_key
+
+    return load_audit_key(settings.audit_key_file)

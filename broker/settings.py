@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     external_issuer: str | None = None
     external_audience: str | None = None
     policy_dir: Path = REPO_POLICY_DIR
+    policy_watch: bool = Field(default=False, description="Poll policies/ and reload (lint + cases first) "
+                               "when a file changes; SIGHUP and POST /policy/reload always work")
+    policy_override_file: Path | None = Field(
+        default=None, description="A county's rules layered on policy_dir/policy.csv (docs/policy-layers.md)")
     sources: list[SourceConfig] = Field(default_factory=list)
     sources_file: Path | None = None
     break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)
@@ -83,6 +87,9 @@ class Settings(BaseSettings):
             f = self.policy_dir / name
             if not f.is_file() or not os.access(f, os.R_OK):
                 raise ValueError(f"policy file {f} is missing or unreadable")
+        override = self.policy_override_file
+        if override is not None and (not override.is_file() or not os.access(override, os.R_OK)):
+            raise ValueError(f"policy_override_file {override} is missing or unreadable")
         if self.mode != "demo":
             if DEMO_STATE_DIR_NAME in key.resolve().parts:
                 raise ValueError("the demo signing key may not be used outside demo mode")

@@ -1,9 +1,16 @@
-"""Recompute the audit hash chain from the stored bodies and report the first break."""
+"""Recompute the audit hash chain, check the signed checkpoints, and report the first break.
+
+The report names the kind of tampering where the evidence allows it: ``edited`` (an event or
+its link changed in place), ``deleted`` (a gap), ``inserted`` (an event that was never
+appended), ``reordered`` (events swapped), ``truncated`` (the tail is gone), ``rewritten`` (a
+consistent chain that no longer matches what the broker signed) and ``unsigned-checkpoint``
+(a checkpoint no known key vouches for).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,8 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit.canonical import GENESIS_HASH, chain_hash, format_time
+from broker.audit.checkpoint import public_keys_by_id, verify_checkpoint_signature
 from broker.audit.sink import HEAD_ID
-from broker.store.models import AuditEventRow, AuditHead
+from broker.store.models import AuditArchive, AuditCheckpoint, AuditEventRow, AuditHead
 
 HASH_MISMATCH = "hash mismatch"
 SEQUENCE_GAP = "sequence gap"
@@ -21,12 +29,23 @@ HEAD_MISMATCH = "head mismatch"
 BODY_CHAIN_MISMATCH = "body sequence or previous hash disagrees with columns"
 INDEX_MISMATCH = "index columns disagree with body"
 BODY_UNREADABLE = "body is not a JSON object"
+CHECKPOINT_MISMATCH = "checkpoint mismatch"
+CHECKPOINT_BAD_SIGNATURE = "checkpoint signature invalid"
+CHECKPOINT_UNKNOWN_KEY = "checkpoint signed by an unknown key"
+CHECKPOINT_PAST_END = "checkpoint beyond the end of the chain"
+ARCHIVE_MISMATCH = "archive records are not contiguous"
+
+EDITED, DELETED, INSERTED, REORDERED = "edited", "deleted", "inserted", "reordered"
+TRUNCATED, REWRITTEN, UNSIGNED = "truncated", "rewritten", "unsigned-checkpoint"
+KINDS = (EDITED, DELETED, INSERTED, REORDERED, TRUNCATED, REWRITTEN, UNSIGNED)
 
 _COLUMNS = (AuditEventRow.seq, AuditEventRow.time, AuditEventRow.request_id, AuditEventRow.youth_id,
             AuditEventRow.mdt_id, AuditEventRow.actor_sub, AuditEventRow.actor_agency,
             AuditEventRow.actor_role, AuditEventRow.client_id, AuditEventRow.action,
             AuditEventRow.outcome, AuditEventRow.policy_version, AuditEventRow.body,
             AuditEventRow.prev_hash, AuditEventRow.hash)
+_CHECKPOINT_COLUMNS = (AuditCheckpoint.id, AuditCheckpoint.seq, AuditCheckpoint.head_hash, AuditCheckpoint.time,
+                       AuditCheckpoint.key_id, AuditCheckpoint.signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,64 +53,141 @@ class VerifyReport:
     """Outcome of a verification; ``count`` is how many events checked out before first_bad_seq.
 
     ``first_bad_seq`` is the first sequence that is missing, altered or unexpected (for a
-    head mismatch: the first sequence after the shorter of chain and head).
+    head mismatch: the first sequence after the shorter of chain and head). The fields after
+    ``problem`` explain rather than decide, so they take no part in equality.
     """
 
     ok: bool
     count: int
     first_bad_seq: int | None = None
     problem: str | None = None
+    kind: str | None = field(default=None, compare=False)
+    detail: str | None = field(default=None, compare=False)
+    checkpoints: int = field(default=0, compare=False)
+    """Checkpoints compared with the chain (signatures too when a public key was given)."""
+    signed_through: int | None = field(default=None, compare=False)
+    """Highest sequence covered by a checkpoint whose signature verified; None without a key."""
+    first_seq: int | None = field(default=None, compare=False)
+    """Where the walk started (after archived events)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the API and the CLI."""
+        return asdict(self)
 
 
 class _Broken(Exception):
     """Internal: stops the walk at the first break."""
 
-    def __init__(self, seq: int, problem: str) -> None:
+    def __init__(self, seq: int, problem: str, kind: str | None = None, detail: str | None = None) -> None:
         super().__init__(problem)
-        self.seq = seq
-        self.problem = problem
+        self.seq, self.problem, self.kind, self.detail = seq, problem, kind, detail
 
 
-def verify_chain(sessions: sessionmaker[Session], *, from_seq: int = 1, batch: int = 1000) -> VerifyReport:
+@dataclass
+class _Walk:
+    """Mutable progress of one walk."""
+
+    expected_seq: int
+    prev_hash: str | None
+    cursor: int | None
+    start: int
+    prev_prev_hash: str | None = None
+    count: int = 0
+    checkpoints: int = 0
+    signed_through: int | None = None
+
+
+def verify_chain(sessions: sessionmaker[Session], *, from_seq: int = 1, batch: int = 1000,
+                 public_key: Any = None) -> VerifyReport:
     """Walk the chain from ``from_seq`` in batches of ``batch`` rows, so memory stays flat.
 
-    From sequence 1 the chain must start at the genesis hash; from a later sequence the
-    stored previous hash of ``from_seq`` is trusted as the anchor. Each batch is its own
-    short snapshot transaction, so appends are not held up for the length of a long walk;
-    the head is compared with the rows read in the same snapshot. A database that cannot be
-    read raises (SQLAlchemyError): that is not evidence of tampering.
+    From sequence 1 the chain must start at the genesis hash, or, once events were archived,
+    at the latest archive's last hash (itself vouched for by its signed checkpoint); from a
+    later sequence the stored previous hash of ``from_seq`` is trusted as the anchor. Every
+    checkpoint in range must name a (seq, hash) of the chain; with ``public_key`` (one Ed25519
+    public key or several) each signature is checked too. Each batch is its own short snapshot
+    transaction, so appends are not held up for the length of a long walk. A database that
+    cannot be read raises (SQLAlchemyError): that is not evidence of tampering.
     """
     if from_seq < 1 or batch < 1:
         raise ValueError("from_seq and batch must be positive")
-    expected_seq = from_seq
-    prev_hash: str | None = GENESIS_HASH if from_seq == 1 else None
-    cursor: int | None = from_seq - 1 if from_seq > 1 else None
-    count = 0
+    keys = public_keys_by_id(public_key)
+    walk = _Walk(expected_seq=from_seq, prev_hash=GENESIS_HASH if from_seq == 1 else None,
+                 cursor=from_seq - 1 if from_seq > 1 else None, start=from_seq)
     try:
+        _anchor_on_archives(sessions, walk, keys)
         while True:
-            rows, head = _read_batch(sessions, cursor, batch)
+            rows, head, checkpoints = _read_batch(sessions, walk.cursor, batch)
+            at_seq = _by_seq(checkpoints)
             for row in rows:
-                _check_row(row, expected_seq, prev_hash)
-                count += 1
-                expected_seq, prev_hash, cursor = row.seq + 1, row.hash, row.seq
+                _check_row(sessions, row, walk)
+                walk.count += 1
+                walk.prev_prev_hash = walk.prev_hash
+                walk.expected_seq, walk.prev_hash, walk.cursor = row.seq + 1, row.hash, row.seq
+                for cp in at_seq.pop(row.seq, ()):
+                    _check_checkpoint(cp, row.hash, keys, walk)
             if len(rows) < batch:
-                _check_head(head, last_seq=expected_seq - 1, last_hash=prev_hash, from_seq=from_seq)
-                return VerifyReport(ok=True, count=count)
+                _check_head(head, last_seq=walk.expected_seq - 1, last_hash=walk.prev_hash, from_seq=walk.start)
+                if at_seq:
+                    seq = min(at_seq)
+                    raise _Broken(walk.expected_seq, CHECKPOINT_PAST_END, TRUNCATED,
+                                  f"a checkpoint signed sequence {seq}; the chain ends at {walk.expected_seq - 1}")
+                return VerifyReport(ok=True, count=walk.count, checkpoints=walk.checkpoints,
+                                    signed_through=walk.signed_through, first_seq=walk.start)
     except _Broken as broken:
-        before = min(count, max(broken.seq - from_seq, 0))  # a head break can follow good rows
-        return VerifyReport(ok=False, count=before, first_bad_seq=broken.seq, problem=broken.problem)
+        before = min(walk.count, max(broken.seq - walk.start, 0))  # a head break can follow good rows
+        return VerifyReport(ok=False, count=before, first_bad_seq=broken.seq, problem=broken.problem,
+                            kind=broken.kind, detail=broken.detail, checkpoints=walk.checkpoints,
+                            signed_through=walk.signed_through, first_seq=walk.start)
 
 
 def format_report(report: VerifyReport) -> str:
     """One line for the CLI and the /audit/verify endpoint."""
     if report.ok:
-        return f"OK: {report.count} events verified"
-    return f"BROKEN at sequence {report.first_bad_seq}: {report.problem}"
+        text = f"OK: {report.count} events verified"
+        if report.signed_through is not None:
+            text += f"; signed through sequence {report.signed_through}"
+        return text
+    text = f"BROKEN at sequence {report.first_bad_seq}: {report.problem}"
+    if report.kind:
+        text += f" ({report.kind}" + (f": {report.detail})" if report.detail else ")")
+    return text
+
+
+def _anchor_on_archives(sessions: sessionmaker[Session], walk: _Walk, keys: dict[str, Any]) -> None:
+    """Start after the archived events, if any, trusting only a contiguous, checkpointed archive run."""
+    with sessions() as session:
+        archives = list(session.execute(select(AuditArchive.first_seq, AuditArchive.last_seq,
+                                               AuditArchive.first_prev_hash, AuditArchive.last_hash,
+                                               AuditArchive.checkpoint_id).order_by(AuditArchive.first_seq)))
+        if not archives:
+            return
+        latest = archives[-1]
+        cp = session.execute(select(*_CHECKPOINT_COLUMNS).where(AuditCheckpoint.id == latest.checkpoint_id)).one()
+        session.rollback()
+    expected_seq, expected_prev = 1, GENESIS_HASH
+    for a in archives:
+        if a.first_seq != expected_seq or a.first_prev_hash != expected_prev or a.last_seq < a.first_seq:
+            raise _Broken(expected_seq, ARCHIVE_MISMATCH, DELETED,
+                          f"no archive continues the chain at sequence {expected_seq}")
+        expected_seq, expected_prev = a.last_seq + 1, a.last_hash
+    if walk.start > latest.last_seq + 1:
+        return  # the caller's own anchor lies in the live chain
+    if cp.seq != latest.last_seq:
+        raise _Broken(latest.last_seq, CHECKPOINT_MISMATCH, REWRITTEN,
+                      "the archive's checkpoint names another sequence")
+    _check_checkpoint(cp, latest.last_hash, keys, walk)
+    walk.expected_seq = walk.start = latest.last_seq + 1
+    walk.prev_hash, walk.cursor = latest.last_hash, latest.last_seq
 
 
 def _read_batch(sessions: sessionmaker[Session], cursor: int | None,
-                batch: int) -> tuple[list[Any], tuple[int, str] | None]:
-    """Rows after ``cursor`` and the head, read in one snapshot."""
+                batch: int) -> tuple[list[Any], tuple[int, str] | None, list[Any]]:
+    """Rows after ``cursor``, the head and the checkpoints over those rows, read in one snapshot.
+
+    For the last (short) batch every later checkpoint is returned, so one that signed an
+    event the chain no longer holds shows up.
+    """
     with sessions() as session:
         if session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -101,28 +197,103 @@ def _read_batch(sessions: sessionmaker[Session], cursor: int | None,
         rows = list(session.execute(query))
         head = session.execute(select(AuditHead.seq, AuditHead.hash)
                                .where(AuditHead.id == HEAD_ID)).one_or_none()
+        cps = select(*_CHECKPOINT_COLUMNS).order_by(AuditCheckpoint.seq, AuditCheckpoint.id)
+        if cursor is not None:
+            cps = cps.where(AuditCheckpoint.seq > cursor)
+        if len(rows) == batch:
+            cps = cps.where(AuditCheckpoint.seq <= rows[-1].seq)
+        checkpoints = list(session.execute(cps))
         session.rollback()
-    return rows, (None if head is None else (int(head.seq), str(head.hash)))
+    return rows, (None if head is None else (int(head.seq), str(head.hash))), checkpoints
 
 
-def _check_row(row: Any, expected_seq: int, prev_hash: str | None) -> None:
+def _by_seq(checkpoints: list[Any]) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for cp in checkpoints:
+        out.setdefault(int(cp.seq), []).append(cp)
+    return out
+
+
+def _check_checkpoint(cp: Any, chain_hash_at_seq: str, keys: dict[str, Any], walk: _Walk) -> None:
+    """The signature (when we hold a key) and the signed hash must both match the chain."""
+    walk.checkpoints += 1
+    if keys:
+        key = keys.get(cp.key_id)
+        if key is None:
+            raise _Broken(cp.seq, CHECKPOINT_UNKNOWN_KEY, UNSIGNED,
+                          f"checkpoint {cp.id} names key {cp.key_id}, which is not a trusted checkpoint key")
+        if not verify_checkpoint_signature(cp, key):
+            raise _Broken(cp.seq, CHECKPOINT_BAD_SIGNATURE, REWRITTEN,
+                          f"checkpoint {cp.id} was altered or forged without the key")
+    if cp.head_hash != chain_hash_at_seq:
+        raise _Broken(cp.seq, CHECKPOINT_MISMATCH, REWRITTEN,
+                      f"checkpoint {cp.id} signed another hash for this sequence: the chain up to it was rewritten")
+    if keys:
+        walk.signed_through = max(walk.signed_through or 0, int(cp.seq))
+
+
+def _check_row(sessions: sessionmaker[Session], row: Any, walk: _Walk) -> None:
     """Continuity, then the hash itself, then that body and columns tell the same story."""
+    expected_seq, prev_hash = walk.expected_seq, walk.prev_hash
     if row.seq != expected_seq:
-        raise _Broken(min(row.seq, expected_seq), SEQUENCE_GAP)
+        if row.seq > expected_seq:
+            missing = f"{expected_seq}" if row.seq == expected_seq + 1 else f"{expected_seq}..{row.seq - 1}"
+            raise _Broken(expected_seq, SEQUENCE_GAP, DELETED, f"event(s) {missing} are missing")
+        raise _Broken(row.seq, SEQUENCE_GAP, INSERTED, f"event {row.seq} lies outside the chain")
+    body = _parse(row.body)
+    body_seq = body.get("sequence") if body is not None else None
     if prev_hash is not None and row.prev_hash != prev_hash:
-        raise _Broken(row.seq, PREVIOUS_HASH_MISMATCH)
+        raise _Broken(row.seq, PREVIOUS_HASH_MISMATCH, *_classify_link(sessions, row, body, walk))
     if chain_hash(row.prev_hash, row.body.encode("utf-8")) != row.hash:
-        raise _Broken(row.seq, HASH_MISMATCH)
-    try:
-        body = json.loads(row.body)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise _Broken(row.seq, BODY_UNREADABLE)
-    if body.get("sequence") != row.seq or body.get("previous_hash") != row.prev_hash:
-        raise _Broken(row.seq, BODY_CHAIN_MISMATCH)
+        if isinstance(body_seq, int) and body_seq != row.seq:
+            raise _Broken(row.seq, HASH_MISMATCH, REORDERED,
+                          f"the body stored at {row.seq} is event {body_seq}'s")
+        raise _Broken(row.seq, HASH_MISMATCH, EDITED, f"event {row.seq} was changed after it was chained")
+    if body is None:
+        raise _Broken(row.seq, BODY_UNREADABLE, EDITED, f"event {row.seq} was replaced by unreadable text")
+    if body_seq != row.seq or body.get("previous_hash") != row.prev_hash:
+        kind = REORDERED if _body_seq_at(sessions, body_seq) == row.seq else EDITED
+        raise _Broken(row.seq, BODY_CHAIN_MISMATCH, kind, f"event {row.seq}'s body names sequence {body_seq}")
     if _columns_from_body(body) != _columns_from_row(row):
-        raise _Broken(row.seq, INDEX_MISMATCH)
+        raise _Broken(row.seq, INDEX_MISMATCH, EDITED, f"a searchable column of event {row.seq} was changed")
+
+
+def _classify_link(sessions: sessionmaker[Session], row: Any, body: dict[str, Any] | None,
+                   walk: _Walk) -> tuple[str, str]:
+    """Why event N no longer links to event N-1: read from N's own body and a lookup or two."""
+    n = row.seq
+    body_seq = body.get("sequence") if body is not None else None
+    if isinstance(body_seq, int) and body_seq < n:
+        return INSERTED, f"event {n} was appended as {body_seq}: {n - body_seq} forged event(s) at {body_seq}..{n - 1}"
+    if isinstance(body_seq, int) and body_seq > n:
+        if _body_seq_at(sessions, body_seq) == n:
+            return REORDERED, f"events {n} and {body_seq} were swapped"
+        return DELETED, f"event {n} was appended as {body_seq}: events were removed and the rest renumbered"
+    if body is not None and body.get("previous_hash") == walk.prev_hash:
+        return EDITED, f"event {n}'s previous-hash column was changed"
+    if walk.prev_prev_hash is not None and row.prev_hash == walk.prev_prev_hash:
+        return INSERTED, f"event {n} links to event {n - 2}: event {n - 1} was inserted"
+    return EDITED, f"event {n - 1} was altered or replaced and re-hashed; event {n} still links to the original"
+
+
+def _body_seq_at(sessions: sessionmaker[Session], seq: Any) -> int | None:
+    """The sequence the body stored at column ``seq`` claims (only read once, to name a break)."""
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    with sessions() as session:
+        text = session.execute(select(AuditEventRow.body).where(AuditEventRow.seq == seq)).scalar_one_or_none()
+        session.rollback()
+    body = _parse(text) if text is not None else None
+    value = body.get("sequence") if body is not None else None
+    return value if isinstance(value, int) else None
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _columns_from_body(body: dict[str, Any]) -> tuple[Any, ...]:
@@ -151,9 +322,14 @@ def _check_head(head: tuple[int, str] | None, *, last_seq: int, last_hash: str |
     head_seq, head_hash = head if head is not None else (0, GENESIS_HASH)
     if last_hash is None:  # started after sequence 1 and found nothing there
         if head_seq >= from_seq:
-            raise _Broken(from_seq, HEAD_MISMATCH)
+            raise _Broken(from_seq, HEAD_MISMATCH, TRUNCATED, f"the head names {head_seq}; the chain ends earlier")
         return
-    if head_seq != last_seq:
-        raise _Broken(min(head_seq, last_seq) + 1, HEAD_MISMATCH)
+    if head is None and last_seq >= from_seq:
+        raise _Broken(min(head_seq, last_seq) + 1, HEAD_MISMATCH, EDITED, "the chain head row is missing")
+    if head_seq < last_seq:
+        raise _Broken(head_seq + 1, HEAD_MISMATCH, INSERTED, f"events after the head ({head_seq}) were added")
+    if head_seq > last_seq:
+        raise _Broken(last_seq + 1, HEAD_MISMATCH, TRUNCATED,
+                      f"the head names {head_seq}; the chain ends at {last_seq}")
     if head_hash != last_hash:
-        raise _Broken(head_seq, HEAD_MISMATCH)
+        raise _Broken(head_seq, HEAD_MISMATCH, EDITED, f"the head's hash is not event {head_seq}'s")

@@ -80,14 +80,21 @@ class CasbinPolicyEngine:
         self._decisions: dict[tuple[str, str, str, frozenset[str]], Decision] = {}
 
     @classmethod
-    def load(cls, policy_dir: Path, vocabulary: Vocabulary | None = None) -> CasbinPolicyEngine:
-        """Validate and load model.conf, policy.csv and the vocabulary; refuse anything invalid."""
+    def load(cls, policy_dir: Path, vocabulary: Vocabulary | None = None,
+             override: Path | None = None) -> CasbinPolicyEngine:
+        """Validate and load model.conf, policy.csv (plus a county override) and the vocabulary."""
         policy_dir = Path(policy_dir)
         blobs = _read_files(policy_dir)
         if vocabulary is None:
             vocabulary = Vocabulary.parse(_text(policy_dir, VOCABULARY_FILE, blobs), policy_dir / VOCABULARY_FILE)
         model = _load_model(policy_dir / MODEL_FILE, _text(policy_dir, MODEL_FILE, blobs))
         rules = read_rules(policy_dir / POLICY_FILE, _text(policy_dir, POLICY_FILE, blobs), vocabulary)
+        if override is not None:  # layered on the baseline: see broker/policy/layers.py
+            from broker.policy.layers import merge, read_override
+
+            layer = read_override(Path(override))
+            rules = merge(policy_dir / POLICY_FILE, rules, layer, vocabulary)
+            blobs[layer.files_key] = layer.data
         enforcer = _build_enforcer(policy_dir / POLICY_FILE, model, rules)
         return cls(enforcer=enforcer, vocabulary=vocabulary, rules=rules, version=_version(blobs),
                    files={rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(blobs.items())})
