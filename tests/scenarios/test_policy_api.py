@@ -9,22 +9,16 @@ from sqlalchemy import select
 
 from broker.policy import CasbinPolicyEngine
 from broker.store.models import AuditEventRow
-from tests.scenarios.harness import PERSONAS, Broker, start_broker
+from tests.scenarios.harness import PERSONAS, Broker
 
 DECIDE = "/policy/decide"
 PO_PART2 = {"role": "probation-officer", "category": "sud-part2", "purpose": "COC", "grounds": ["mdt-member"]}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def pb(request, tmp_path, fhir_server) -> Broker:  # type: ignore[no-untyped-def]
-    """A fresh broker on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'broker.sqlite'}"
-    else:
-        url = request.getfixturevalue("pg_server").create_database()
-    b = await start_broker(tmp_path, url, fhir_server.base_url)
-    yield b
-    await b.aclose()
+@pytest.fixture
+def pb(fresh_broker: Broker) -> Broker:
+    """The scenarios' fresh broker, once per backend."""
+    return fresh_broker
 
 
 async def _auth(b: Broker, alias: str) -> dict[str, str]:
