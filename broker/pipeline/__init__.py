@@ -110,8 +110,8 @@ class Pipeline:
 
     async def _audit(self, ex: Exchange, response: Response) -> Response:
         with stage_span("audit"):
-            event = ex.audit_event(response.status_code)
             try:
+                event = ex.audit_event(response.status_code)
                 outcome = await to_thread.run_sync(self.rt.audit.append, event)
             except Exception as err:
                 log.error("audit_write_failed", error_type=type(err).__name__, request_id=ex.request_id)

@@ -72,3 +72,16 @@ async def test_audit_records_the_decision_without_content(broker):
     assert decided["psychotherapy-notes"]["effect"] == "deny" and decided["psychotherapy-notes"]["citation"]
     assert event["policy_version"].startswith("sha256:")
     assert "Testy" not in row.body and "Placeholder" not in row.body and "alpha-obs" not in row.body
+
+
+async def test_a_failure_building_the_audit_event_is_a_503_too(broker, monkeypatch):
+    from broker.pipeline.exchange import Exchange
+
+    token = await broker.token("mh")
+
+    def broken(self, status):
+        raise RuntimeError("cannot build the event")
+
+    monkeypatch.setattr(Exchange, "audit_event", broken)
+    r = await broker.get("/mdts/mdt-alpha/fhir/Observation", token=token, purpose="TREAT")
+    assert r.status_code == 503 and "alpha-obs" not in r.text
