@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.audit.sink import SqlAuditSink
+from broker.audit.group import GroupCommitAuditSink
 from broker.auth.keys import BrokerKey, load_signing_key
 from broker.auth.tokens import TokenIssuer, TokenVerifier
 from broker.grounds import GroundsResolver, StoreGrounds
@@ -64,6 +64,9 @@ class Runtime:
         """Close connector sessions and the database pool."""
         for c in self.connectors.values():
             await c.aclose()
+        close = getattr(self.audit, "close", None)
+        if close is not None:
+            close()  # commits whatever is queued before the pool goes away
         self.engine.dispose()
 
 
@@ -120,7 +123,7 @@ def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtim
         classifier=classifier,
         labeller=build_labeller(vocabulary),
         connectors=connectors,
-        audit=SqlAuditSink(sessions),
+        audit=GroupCommitAuditSink(sessions),
         source_timeouts={cfg.name: cfg.timeout for cfg in settings.sources},
         audit_key=_audit_key(settings),
     )

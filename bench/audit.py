@@ -1,0 +1,134 @@
+"""Benchmark: durable audit append rate, SqlAuditSink vs GroupCommitAuditSink, and verify_chain rate.
+
+    .venv/bin/python bench/audit.py [--seconds 3] [--threads 1,32] [--backends sqlite,postgresql]
+
+For each backend (a temporary SQLite file with the broker's settings -- WAL, synchronous=FULL,
+BEGIN IMMEDIATE -- and a throwaway PostgreSQL server started like the tests' one, but with
+``fsync=on`` restored so that a commit really waits for the disk), each sink and each writer
+thread count, threads append realistic events (tests/audit/events.py) as fast as they can for
+``--seconds``; the rate counts only appends that returned (i.e. were committed). All cases of a
+backend append to the same chain, which is then verified (``verify_chain``) and timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.audit.group import GroupCommitAuditSink  # noqa: E402
+from broker.audit.sink import SqlAuditSink  # noqa: E402
+from broker.audit.verify import verify_chain  # noqa: E402
+from broker.store.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
+from tests.audit.events import make_event  # noqa: E402
+from tests.support.postgres import start_postgres  # noqa: E402
+
+
+def run_case(sink, threads: int, seconds: float, start_id: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    """Append from ``threads`` threads until the deadline; returns (committed events, elapsed s)."""
+    counts = [0] * threads
+    go = threading.Event()
+    deadline = [0.0]
+
+    def writer(t: int) -> None:
+        go.wait()
+        i = start_id + t * 10_000_000
+        while time.monotonic() < deadline[0]:
+            sink.append(make_event(i))
+            i += 1
+            counts[t] += 1
+
+    pool = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    began = time.monotonic()
+    deadline[0] = began + seconds
+    go.set()
+    for th in pool:
+        th.join()
+    return sum(counts), time.monotonic() - began
+
+
+def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int]) -> list[str]:
+    upgrade(url)
+    engine = make_engine(url, pool_size=20)
+    sessions = make_sessionmaker(engine)
+    SqlAuditSink(sessions).append(make_event(0))  # create the head; warm the connection
+    lines = []
+    next_id = 1
+    for threads in thread_counts:
+        rates = {}
+        for label in ("SqlAuditSink", "GroupCommitAuditSink"):
+            sink = SqlAuditSink(sessions) if label == "SqlAuditSink" else GroupCommitAuditSink(sessions)
+            n, elapsed = run_case(sink, threads, seconds, next_id)
+            next_id += 1_000_000_000
+            extra = ""
+            if isinstance(sink, GroupCommitAuditSink):
+                extra = f"  (avg batch {sink.events / max(sink.batches, 1):.1f})"
+                sink.close()
+            rates[label] = n / elapsed
+            line = f"{name:10} {label:22} {threads:3} threads: {n:7d} events in {elapsed:5.2f} s = {rates[label]:9.0f} ev/s{extra}"
+            print(line, flush=True)
+            lines.append(line)
+        line = f"{name:10} ratio group/baseline at {threads} threads: {rates['GroupCommitAuditSink'] / rates['SqlAuditSink']:.2f}x"
+        print(line, flush=True)
+        lines.append(line)
+    began = time.monotonic()
+    report = verify_chain(sessions)
+    elapsed = time.monotonic() - began
+    assert report.ok, report
+    line = f"{name:10} verify_chain: {report.count} events in {elapsed:.2f} s = {report.count / elapsed:.0f} ev/s"
+    print(line, flush=True)
+    lines.append(line)
+    engine.dispose()
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed case")
+    parser.add_argument("--threads", default="1,32", help="comma-separated writer thread counts")
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    args = parser.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    backends = args.backends.split(",")
+
+    if "sqlite" in backends:
+        with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
+            bench_backend("sqlite", f"sqlite:///{tmp}/audit.db", args.seconds, thread_counts)
+    if "postgresql" in backends:
+        server = start_postgres()
+        try:
+            import os
+            import subprocess
+
+            from tests.support.postgres import _as_server_user
+
+            # The test server runs with fsync=off; restart it with the same options but fsync on,
+            # so that a commit really waits for the disk (as in production).
+            root = os.path.dirname(server.datadir)
+            opts = (f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories={root} "
+                    "-c fsync=on -c max_connections=200")
+            subprocess.run(_as_server_user([f"{server.bindir}/pg_ctl", "-D", server.datadir, "-o", opts,
+                                            "-w", "-m", "fast", "-l", os.path.join(root, "log"), "restart"]),
+                           check=True, capture_output=True)
+            import psycopg
+
+            with psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres dbname=postgres",
+                                 autocommit=True) as conn:
+                fsync = conn.execute("SHOW fsync").fetchone()[0]
+                sync_commit = conn.execute("SHOW synchronous_commit").fetchone()[0]
+            print(f"postgresql: fsync={fsync} synchronous_commit={sync_commit}", flush=True)
+            bench_backend("postgresql", server.create_database(), args.seconds, thread_counts)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
