@@ -7,7 +7,8 @@ BEGIN IMMEDIATE -- and a throwaway PostgreSQL server started like the tests' one
 ``fsync=on`` restored so that a commit really waits for the disk), each sink and each writer
 thread count, threads append realistic events (tests/audit/events.py) as fast as they can for
 ``--seconds``; the rate counts only appends that returned (i.e. were committed). All cases of a
-backend append to the same chain, which is then verified (``verify_chain``) and timed.
+backend append to the same chain, which is then verified. The verify rate is timed separately on a
+chain of ``--verify-events`` events written straight into the tables (tests/audit/bulk.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from broker.audit.group import GroupCommitAuditSink  # noqa: E402
 from broker.audit.sink import SqlAuditSink  # noqa: E402
 from broker.audit.verify import verify_chain  # noqa: E402
 from broker.store.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
+from tests.audit.bulk import bulk_chain  # noqa: E402
 from tests.audit.events import make_event  # noqa: E402
 from tests.support.postgres import start_postgres  # noqa: E402
 
@@ -55,7 +57,8 @@ def run_case(sink, threads: int, seconds: float, start_id: int) -> tuple[int, fl
     return sum(counts), time.monotonic() - began
 
 
-def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int]) -> list[str]:
+def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int], verify_url: str,
+                  verify_events: int) -> list[str]:
     upgrade(url)
     engine = make_engine(url, pool_size=20)
     sessions = make_sessionmaker(engine)
@@ -87,7 +90,25 @@ def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int])
     print(line, flush=True)
     lines.append(line)
     engine.dispose()
+    lines.append(bench_verify(name, verify_url, verify_events))
     return lines
+
+
+def bench_verify(name: str, url: str, n: int) -> str:
+    """Verify rate on a long chain (written straight into the tables, like tests/audit/bulk.py)."""
+    upgrade(url)
+    engine = make_engine(url)
+    bulk_chain(engine, n)
+    sessions = make_sessionmaker(engine)
+    verify_chain(sessions, batch=5000)  # warm the page cache and the connection pool
+    began = time.monotonic()
+    report = verify_chain(sessions, batch=5000)
+    elapsed = time.monotonic() - began
+    assert report.ok and report.count == n, report
+    engine.dispose()
+    line = f"{name:10} verify_chain on {n} events: {elapsed:.2f} s = {n / elapsed:.0f} ev/s"
+    print(line, flush=True)
+    return line
 
 
 def main() -> None:
@@ -95,13 +116,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed case")
     parser.add_argument("--threads", default="1,32", help="comma-separated writer thread counts")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--verify-events", type=int, default=200_000, help="length of the chain verify is timed on")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     backends = args.backends.split(",")
 
     if "sqlite" in backends:
         with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
-            bench_backend("sqlite", f"sqlite:///{tmp}/audit.db", args.seconds, thread_counts)
+            bench_backend("sqlite", f"sqlite:///{tmp}/audit.db", args.seconds, thread_counts,
+                          f"sqlite:///{tmp}/verify.db", args.verify_events)
     if "postgresql" in backends:
         server = start_postgres()
         try:
@@ -125,7 +148,8 @@ def main() -> None:
                 fsync = conn.execute("SHOW fsync").fetchone()[0]
                 sync_commit = conn.execute("SHOW synchronous_commit").fetchone()[0]
             print(f"postgresql: fsync={fsync} synchronous_commit={sync_commit}", flush=True)
-            bench_backend("postgresql", server.create_database(), args.seconds, thread_counts)
+            bench_backend("postgresql", server.create_database(), args.seconds, thread_counts,
+                          server.create_database(), args.verify_events)
         finally:
             server.stop()
 

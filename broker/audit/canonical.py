@@ -16,6 +16,8 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 GENESIS_HASH = "0" * 64
 """The previous hash of sequence 1."""
 
@@ -27,9 +29,34 @@ def canonical_json(obj: Any) -> bytes:
 
     Raises TypeError for a type JSON cannot hold or a non-string object key, and ValueError
     for NaN/infinity, a naive datetime or a string that is not valid Unicode.
+
+    The bytes are those of ``json.dumps(sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)``. orjson writes the same bytes for strings, integers within 64 bits,
+    booleans and null (tests/audit/test_canonical.py checks every code point), several times
+    faster, so it is used whenever the value holds nothing else; a float (whose exponent
+    orjson writes differently) or a larger integer takes the standard library.
     """
-    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return dump_plain(*reduce(obj))
+
+
+def reduce(obj: Any) -> tuple[Any, bool]:
+    """``obj`` as plain JSON values, and whether only the standard library renders it canonically.
+
+    ``dump_plain`` of the result (with more plain str/int members added to a top-level dict,
+    as the audit writer adds the chain fields) is the canonical form.
+    """
+    state = _State()
+    return _plain(obj, state), state.stdlib
+
+
+def dump_plain(value: Any, stdlib: bool = False) -> bytes:
+    """Canonical bytes of a value already reduced by ``reduce``."""
+    if not stdlib:
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # e.g. a lone surrogate: let the standard library raise its ValueError
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return text.encode("utf-8")
 
 
@@ -42,32 +69,76 @@ def format_time(value: datetime) -> str:
     """The canonical text of an instant; naive datetimes are refused because their zone is a guess."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("naive datetime cannot be rendered canonically")
-    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    if value.year < 1000:  # strftime does not pad the year to four digits
+        return value.strftime(_TIME_FORMAT)
+    # isoformat is faster than strftime; it leaves out a zero fraction, which _TIME_FORMAT
+    # keeps as six digits, and ends in +00:00 for UTC (tests compare the two forms).
+    text = value.isoformat()[:-6]
+    return (text if value.microsecond else text + ".000000") + "Z"
 
 
-def _plain(obj: Any) -> Any:
-    """Reduce to str/int/float/bool/None/list/dict so json.dumps has nothing left to decide."""
-    if obj is None or isinstance(obj, bool):
+class _State:
+    """What the walk found that orjson would render differently from the standard library."""
+
+    __slots__ = ("stdlib",)
+
+    def __init__(self) -> None:
+        self.stdlib = False
+
+
+_ORJSON_INT_MIN, _ORJSON_INT_MAX = -(2**63), 2**64 - 1
+
+
+def _plain(obj: Any, state: _State) -> Any:
+    """Reduce to str/int/float/bool/None/list/dict so the encoder has nothing left to decide.
+
+    Exact built-in types are checked first (the common case, and cheap); subclasses are then
+    reduced to their base value so that an enum or a str subclass renders as plain data.
+    """
+    t = type(obj)
+    if t is str or obj is None or t is bool:
         return obj
+    if t is dict:
+        out = {}
+        for key, value in obj.items():
+            if type(key) is not str:
+                if not isinstance(key, str):
+                    raise TypeError(f"object keys must be str, not {type(key).__name__}")
+                key = str(key)
+            out[key] = _plain(value, state)
+        return out
+    if t is list or t is tuple:
+        return [_plain(item, state) for item in obj]
+    if t is int:
+        if not _ORJSON_INT_MIN <= obj <= _ORJSON_INT_MAX:
+            state.stdlib = True
+        return obj
+    if isinstance(obj, bool):
+        return bool(obj)
     if isinstance(obj, str):
         return str(obj)
     if isinstance(obj, int):
-        return int(obj)
+        return _plain(int(obj), state)
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise ValueError("NaN and infinity have no JSON form")
+        state.stdlib = True
         return float(obj)
     if isinstance(obj, datetime):
         return format_time(obj)
     if isinstance(obj, dict):
-        out = {}
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise TypeError(f"object keys must be str, not {type(key).__name__}")
-            out[str(key)] = _plain(value)
-        return out
+        return _plain(dict(obj), state)
     if isinstance(obj, list | tuple):
-        return [_plain(item) for item in obj]
+        return [_plain(item, state) for item in obj]
     if isinstance(obj, set | frozenset):
-        return [json.loads(b) for b in sorted(canonical_json(item) for item in obj)]
+        if all(type(item) is str for item in obj):
+            try:
+                return sorted(obj, key=orjson.dumps)  # a string's canonical bytes are orjson's
+            except orjson.JSONEncodeError:
+                pass  # not valid Unicode: the general path raises the ValueError
+        items = [_plain(item, state) for item in obj]
+        keyed = sorted((canonical_json(item), i) for i, item in enumerate(items))
+        return [items[i] for _, i in keyed]
     raise TypeError(f"{type(obj).__name__} has no canonical JSON form")

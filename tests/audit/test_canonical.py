@@ -77,3 +77,61 @@ def test_chain_hash_depends_on_both_links():
     base = chain_hash(GENESIS_HASH, b"{}")
     assert chain_hash("1" + GENESIS_HASH[1:], b"{}") != base
     assert chain_hash(GENESIS_HASH, b"{ }") != base
+
+
+def _stdlib(value):
+    import json
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def test_fast_encoder_matches_the_standard_library_for_every_code_point():
+    # canonical_json uses orjson when it can; its bytes must be the stdlib's for every string.
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for i in range(0, len(chars), 4096):
+        chunk = chars[i:i + 4096]
+        value = {"k" + c: "v" + c + "w" for c in chunk}
+        assert canonical_json(value) == _stdlib(value)
+
+
+@pytest.mark.parametrize("value", [
+    {"f": 1e-07, "g": 1e16, "h": 0.1, "i": -0.0},  # exponents orjson writes as 1e-7 / 1e16
+    {"big": 2**64, "neg": -(2**63) - 1, "edge": 2**64 - 1, "low": -(2**63)},
+    {"s": {0.5, 2, "x"}, "n": [1.25, {"d": 3}]},
+    {"mixed": ["\u2028", "\x7f", "\x00", "\U0001f600"]},
+])
+def test_canonical_json_equals_the_standard_library_rendering(value):
+    from broker.audit.canonical import reduce
+    assert canonical_json(value) == _stdlib(reduce(value)[0])
+
+
+def test_canonical_json_of_a_pipeline_event_is_unchanged():
+    # The bytes an event rendered as before the fast path: a stored chain must still verify.
+    from tests.audit.events import make_event
+    import hashlib
+    body = canonical_json(make_event(7))
+    assert hashlib.sha256(body).hexdigest() == EVENT_7_SHA256
+
+
+EVENT_7_SHA256 = "0fe26118131dcf1c0f48aa1ba237ea30619e80af8f9919f59eae641f5ca19479"
+
+
+@pytest.mark.parametrize("when", [
+    datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC), datetime(2024, 5, 6, 7, 8, 9, 5, tzinfo=UTC),
+    datetime(1, 1, 1, tzinfo=UTC), datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(2024, 3, 10, 1, 59, 59, tzinfo=timezone(timedelta(hours=-8, minutes=-30))),
+])
+def test_format_time_is_the_documented_strftime_form(when):
+    from broker.audit.canonical import _TIME_FORMAT, format_time
+    assert format_time(when) == when.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def test_the_group_writer_renders_exactly_canonical_json():
+    # GroupCommitAuditSink reduces in the caller's thread and adds the chain fields later.
+    from broker.audit.canonical import dump_plain, reduce
+    from tests.audit.events import make_event
+    for event in (make_event(3), make_event(4, score=1.5, big=2**70)):
+        reduced, stdlib = reduce(event)
+        reduced.update(sequence=12, previous_hash="ab" * 32)
+        assert dump_plain(reduced, stdlib) == canonical_json({**event, "sequence": 12, "previous_hash": "ab" * 32})
