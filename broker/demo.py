@@ -1,7 +1,9 @@
 """The demo: embedded SQLite, built-in synthetic FHIR data, a dev client, seeded team.
 
-Everything here is synthetic. The demo state (keys, database) lives under
-``var/mdt-broker-demo`` and the settings refuse that key outside demo mode.
+Besides the static FHIR source, four SQL sources (child welfare, probation, juvenile court,
+school district) read synthetic agency databases that ``seed`` builds as SQLite files under
+``<state dir>/sources``. Everything here is synthetic. The demo state (keys, databases) lives
+under ``var/mdt-broker-demo`` and the settings refuse that key outside demo mode.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import select
 from broker.settings import DEMO_STATE_DIR_NAME, REPO_POLICY_DIR, Settings, SourceConfig
 from broker.store.db import make_engine, make_sessionmaker, upgrade
 from broker.store.models import Agency, Mdt, MembershipRow, OAuthClient, Staff, Youth, YouthIdentifier
+from connectors import synthetic
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "connectors" / "demo_data" / "fhir"
 EHR_SYSTEM = "urn:mdt-broker:demo:county-ehr"
@@ -65,6 +68,9 @@ PEOPLE = (
                False, False),
 )
 YOUTH = {"y-demo-alpha": "pt-alpha", "y-demo-bravo": "pt-bravo", "y-demo-charlie": "pt-charlie"}
+# The same youth in the synthetic agency databases (connectors/synthetic): source -> source id.
+# Charlie stays the youth whose only records are protected (the banner shows that), so no links.
+SQL_LINKS = {"y-demo-alpha": synthetic.TEST_YOUTH["y-alpha"], "y-demo-bravo": synthetic.TEST_YOUTH["y-bravo"]}
 MDTS = {"mdt-demo-alpha": "y-demo-alpha", "mdt-demo-bravo": "y-demo-bravo", "mdt-demo-charlie": "y-demo-charlie"}
 
 
@@ -94,8 +100,13 @@ def ensure_keys(directory: Path) -> None:
         os.chmod(audit_key, 0o600)
 
 
+def source_databases(directory: Path) -> dict[str, str]:
+    """The SQLite URLs of the demo's synthetic agency databases (built by ``seed``)."""
+    return synthetic.sqlite_urls(directory / "sources")
+
+
 def demo_settings(directory: Path, *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
-    """Demo-mode settings pointing at the built-in synthetic source."""
+    """Demo-mode settings pointing at the built-in synthetic sources."""
     return Settings(
         mode="demo",
         database_url=f"sqlite:///{directory / 'broker.sqlite'}",
@@ -106,7 +117,8 @@ def demo_settings(directory: Path, *, host: str = "127.0.0.1", port: int = 8000)
         policy_dir=REPO_POLICY_DIR,
         sources=[SourceConfig(name="county-ehr", kind="static-fhir", data_dir=DEMO_DATA,
                               identifier_system=EHR_SYSTEM, default_categories=["general-health"],
-                              resource_types=EHR_TYPES, timeout=5)],
+                              resource_types=EHR_TYPES, timeout=5),
+                 *synthetic.source_configs(source_databases(directory), timeout=5)],
     )
 
 
@@ -118,13 +130,16 @@ def client_public_jwks(pem_path: Path) -> dict:
 
 
 def seed(settings: Settings, keys: Path) -> None:
-    """Create the schema and the synthetic agencies, staff, clients, youth, teams; idempotent."""
+    """Create the schema, the source databases and the synthetic agencies, staff, clients, youth, teams; idempotent."""
+    synthetic.build({s.name: s.database_url for s in settings.sources if s.kind == "sql" and s.database_url})
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     now = datetime.now(timezone.utc)
     with sessions() as s:
         if s.get(Agency, "demo-child-welfare") is not None:
+            _link_sql_sources(s, settings)  # a demo seeded before the SQL sources existed gets them too
+            s.commit()
             engine.dispose()
             return
         for agency_id, (name, roles) in AGENCIES.items():
@@ -141,6 +156,7 @@ def seed(settings: Settings, keys: Path) -> None:
             s.add(Youth(id=youth_id, birth_date=None, created_at=now, created_by="demo-seed"))
             s.flush()
             s.add(YouthIdentifier(youth_id=youth_id, source="county-ehr", system=EHR_SYSTEM, value=patient))
+        _link_sql_sources(s, settings)
         for mdt_id, youth_id in MDTS.items():
             s.add(Mdt(id=mdt_id, youth_id=youth_id, lead_agency_id="demo-child-welfare", opened_at=now,
                       closed_at=None, created_by="demo-seed"))
@@ -152,6 +168,21 @@ def seed(settings: Settings, keys: Path) -> None:
                                         valid_from=now - timedelta(days=30), valid_to=None, added_by="demo-seed"))
         s.commit()
     engine.dispose()
+
+
+def _link_sql_sources(session, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Link each demo youth to its id in every configured synthetic SQL source, once."""
+    configured = {c.name: c.identifier_system for c in settings.sources if c.kind == "sql"}
+    for youth_id, ids in SQL_LINKS.items():
+        for source, value in ids.items():
+            system = configured.get(source)
+            if system is None:
+                continue
+            exists = session.scalar(select(YouthIdentifier.id).where(YouthIdentifier.system == system,
+                                                                     YouthIdentifier.value == value))
+            if exists is None:
+                session.add(YouthIdentifier(youth_id=youth_id, source=source, system=system, value=value))
+    session.flush()
 
 
 def person(alias: str) -> DemoPerson:

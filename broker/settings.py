@@ -32,6 +32,10 @@ class SourceConfig(BaseModel):
     resource_types: list[str] = Field(default_factory=list)
     timeout: float = Field(default=5.0, gt=0, le=60)
     max_pages: int = Field(default=50, ge=1, le=1000)
+    database_url: str | None = Field(default=None, description="kind sql: the agency database (SQLAlchemy URL)")
+    mapping_file: Path | None = Field(default=None, description="kind sql: the mapping file; a relative path "
+                                      "that does not exist is looked up in connectors/mappings/")
+    pool_size: int = Field(default=4, ge=1, le=64, description="kind sql: connections and worker threads")
 
 
 class Settings(BaseSettings):
@@ -67,6 +71,10 @@ class Settings(BaseSettings):
     audit_archive_dir: Path | None = None
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_count: int = Field(default=200, ge=1, le=1000)
+    source_breaker_threshold: int = Field(default=5, ge=1, le=1000, description="Consecutive failures or "
+                                          "timeouts of a source after which it is not asked for a while")
+    source_breaker_reset_seconds: float = Field(default=30.0, gt=0, le=3600, description="How long a source "
+                                                "whose breaker opened is reported unavailable without asking it")
     log_level: str = "INFO"
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None

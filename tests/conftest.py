@@ -45,3 +45,21 @@ def cws_server():  # type: ignore[no-untyped-def]
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic_sqlite(tmp_path_factory) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The four synthetic agency databases (connectors/synthetic) as SQLite files: source -> URL."""
+    from connectors import synthetic
+
+    return synthetic.build_sqlite(tmp_path_factory.mktemp("synthetic-sqlite"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_pg(pg_server: PostgresServer) -> dict[str, str]:
+    """The four synthetic agency databases, one PostgreSQL database each: source -> URL."""
+    from connectors import synthetic
+
+    urls = {source: pg_server.create_database() for source in synthetic.SOURCES}
+    synthetic.build(urls)
+    return urls

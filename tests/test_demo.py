@@ -79,3 +79,37 @@ def test_demo_key_is_refused_outside_demo_mode(demo_dir):
     settings = demo.demo_settings(demo_dir)
     with pytest.raises(ValidationError, match="demo signing key"):
         type(settings)(**{**settings.model_dump(), "mode": "production"})
+
+
+async def test_demo_youth_are_linked_to_the_synthetic_sql_sources(demo_dir):
+    from sqlalchemy import select
+
+    from broker.store.db import make_engine, make_sessionmaker
+    from broker.store.models import YouthIdentifier
+    from connectors import synthetic
+
+    settings = demo.demo_settings(demo_dir)
+    assert {s.name for s in settings.sources if s.kind == "sql"} == set(synthetic.SOURCES)
+    demo.seed(settings, demo_dir)
+    demo.seed(settings, demo_dir)  # idempotent: no second link, databases left as they are
+    for url in demo.source_databases(demo_dir).values():
+        assert (demo_dir / "sources").is_dir() and url.startswith(f"sqlite:///{demo_dir / 'sources'}")
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine)() as s:
+        links = {(r.source, r.value) for r in s.scalars(
+            select(YouthIdentifier).where(YouthIdentifier.youth_id == "y-demo-alpha"))}
+    engine.dispose()
+    assert links == {("county-ehr", "pt-alpha"), *synthetic.TEST_YOUTH["y-alpha"].items()}
+
+    app = create_app(settings)
+    cases = synthetic.dataset()["cws-cms"]["cws_case"]
+    expected = {f"cws-case-{c['case_id']}" for c in cases if c["youth_id"] == "CWS-1001"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=settings.public_url) as c:
+        headers = {"Authorization": f"Bearer {demo.mint_token(settings, 'cw')}", "X-Purpose-Of-Use": "COC"}
+        r = await c.get("/mdts/mdt-demo-alpha/fhir/EpisodeOfCare", headers=headers)
+        assert r.status_code == 200, r.text
+        found = {e["resource"]["id"] for e in r.json()["entry"]}
+        assert expected and expected <= found
+        owners = {e["resource"]["patient"]["reference"] for e in r.json()["entry"]}
+        assert owners == {"Patient/CWS-1001", "Patient/PRB-2001"}  # the child welfare and probation cases
+    await app.state.runtime.aclose()

@@ -82,3 +82,77 @@ async def fhir_connector(fhir_server) -> AsyncIterator[FhirConnector]:  # type: 
 def static_connector() -> StaticFhirConnector:
     """A StaticFhirConnector on the same files the Node server was seeded with."""
     return StaticFhirConnector("county-ehr", DEMO_FHIR, EHR_SYSTEM, DEFAULTS)
+
+
+# ---- the synthetic SQL sources ------------------------------------------------------------------
+# Ground truth for the SQL connector, computed in Python from the generator's rows, independently
+# of the SQL and templates in connectors/mappings/: (table, id prefix, id column, sort key, filter).
+
+def _term_start(source_rows: dict) -> object:
+    starts = {e["enrollment_id"]: e["term_start"] for e in source_rows["edu_enrollment"]}
+    return lambda r: starts[r["enrollment_id"]]
+
+
+def _truth_plan(source: str, rtype: str, rows: dict) -> list[tuple]:
+    every = None
+    plans = {
+        ("cws-cms", "EpisodeOfCare"): [("cws_case", "cws-case-", "case_id", lambda r: r["opened_on"], every),
+                                       ("cws_placement", "cws-placement-", "placement_id",
+                                        lambda r: r["start_on"], every)],
+        ("cws-cms", "Communication"): [
+            ("cws_referral", "cws-referral-", "referral_id", lambda r: r["received_at"], every),
+            ("cws_contact_note", "cws-statement-", "note_id", lambda r: r["contact_at"], lambda r: r["youth_spoke"]),
+            ("cws_contact_note", "cws-contact-", "note_id", lambda r: r["contact_at"],
+             lambda r: not r["youth_spoke"])],
+        ("probation-cms", "EpisodeOfCare"): [("prb_case", "prb-case-", "case_id", lambda r: r["opened_on"], every)],
+        ("probation-cms", "CarePlan"): [("prb_condition", "prb-condition-", "condition_id",
+                                         lambda r: r["start_on"], every)],
+        ("probation-cms", "Communication"): [("prb_interview", "prb-interview-", "interview_id",
+                                              lambda r: r["interview_at"], every)],
+        ("juvenile-court", "Encounter"): [("crt_hearing", "crt-hearing-", "hearing_id", lambda r: r["starts_at"],
+                                           every)],
+    }
+    if source == "school-district" and rtype == "Observation":
+        return [("edu_enrollment", "edu-enrollment-", "enrollment_id", lambda r: r["term_start"], every),
+                ("edu_attendance", "edu-attendance-", "attendance_id", _term_start(rows), every),
+                ("edu_credits", "edu-credits-", "credit_id", _term_start(rows), every),
+                ("edu_iep", "edu-iep-", "iep_id", lambda r: r["as_of"], every)]
+    return plans.get((source, rtype), [])
+
+
+SQL_TYPES = {
+    "cws-cms": ("EpisodeOfCare", "Communication"),
+    "probation-cms": ("EpisodeOfCare", "CarePlan", "Communication"),
+    "juvenile-court": ("Encounter",),
+    "school-district": ("Observation",),
+}
+
+
+def sql_expected(source: str, patient: str, rtype: str, keep=lambda row: True) -> list[str]:
+    """Ids the SQL connector must return for one youth and type, in order, for rows that pass ``keep``."""
+    from connectors import synthetic
+
+    rows = synthetic.dataset()[source]
+    out = []
+    for table, prefix, id_col, sort_key, only in _truth_plan(source, rtype, rows):
+        mine = [r for r in rows.get(table, []) if r["youth_id"] == patient and (only is None or only(r))]
+        for r in sorted(mine, key=lambda r: (sort_key(r), r[id_col])):
+            if keep(r):
+                out.append(f"{prefix}{r[id_col]}")
+    return out
+
+
+def sql_youth(source: str) -> list[str]:
+    """Every synthetic youth's id in one source."""
+    from connectors import synthetic
+
+    return [synthetic.source_ids(n)[source] for n in range(1, synthetic.youth_count() + 1)]
+
+
+def sql_connector(source: str, url: str, **overrides):  # type: ignore[no-untyped-def]
+    """A SqlConnector on one synthetic source, configured as the demo configures it."""
+    from connectors import synthetic
+    from connectors.sql import SqlConnector
+
+    cfg = synthetic.source_configs({source: url})[0]
+    return SqlConnector.from_config(cfg.model_copy(update=overrides))
