@@ -20,5 +20,7 @@ def test_every_route_is_documented_with_errors():
     doc = generate()
     assert "/mdts/{mdt_id}/fhir/{resource_type}" in doc["paths"]
     assert "/oauth/token" in doc["paths"]
-    for name in ("YouthIn", "MdtIn", "MembershipIn", "CourtOrderIn", "BreakGlassIn", "DecideIn"):
+    assert {"/youth", "/youth/{youth_id}/identifiers", "/youth/{youth_id}/identifiers/{source}"} <= set(doc["paths"])
+    assert [p["name"] for p in doc["paths"]["/youth"]["get"]["parameters"]] == ["identifier"]
+    for name in ("YouthIn", "IdentifiersIn", "YouthLookupOut", "MdtIn", "MembershipIn", "CourtOrderIn", "BreakGlassIn", "DecideIn"):
         assert name in doc["components"]["schemas"]

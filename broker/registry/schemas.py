@@ -69,3 +69,15 @@ class MdtOut(BaseModel):
     opened_at: datetime
     closed_at: datetime | None
     members: list[MembershipOut]
+
+
+class IdentifiersIn(Strict):
+    identifiers: list[IdentifierIn] = Field(min_length=1, max_length=50, description="Identifiers to link to the "
+                                            "youth, at most one per source; each system must be that source's "
+                                            "identifier system")
+
+
+class YouthLookupOut(BaseModel):
+    youth_id: str
+    mdts: list[str] = Field(description="The youth's open teams the caller may reach: those they are an active "
+                            "member of, and every open team when a court order in force names them")

@@ -7,10 +7,13 @@ text whatever the reason, so a caller cannot tell a missing MDT from one they ma
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,10 +52,16 @@ def active_membership(session: Session, *, mdt: Mdt, principal: Principal, now: 
     rows = session.scalars(select(MembershipRow).where(
         MembershipRow.mdt_id == mdt.id, MembershipRow.sub == principal.sub)).all()
     for row in rows:
-        m = to_membership(row)
-        if m.agency == principal.agency and m.team_role == principal.role and m.active_at(now):
-            return m
+        if _held_by(row, principal, now):
+            return to_membership(row)
     return None
+
+
+def _held_by(row: MembershipRow, principal: Principal, now: datetime) -> bool:
+    """The roster row is the requester's (person, agency and team role) and in force at ``now``."""
+    m = to_membership(row)
+    return m.sub == principal.sub and m.agency == principal.agency and m.team_role == principal.role \
+        and m.active_at(now)
 
 
 def youth_links(session: Session, *, youth_id: str) -> tuple[SourceLink, ...]:
@@ -93,7 +102,12 @@ def get_youth(session: Session, *, principal: Principal, youth_id: str, now: dat
     youth = session.get(Youth, youth_id)
     if youth is None or not _may_see_youth(session, principal=principal, youth_id=youth_id, now=now):
         raise Forbidden(NO_ACCESS)
-    links = youth_links(session, youth_id=youth_id)
+    return _youth_out(session, youth)
+
+
+def _youth_out(session: Session, youth: Youth) -> schemas.YouthOut:
+    """The API view of a youth with every source link, as stored now."""
+    links = youth_links(session, youth_id=youth.id)
     return schemas.YouthOut(id=youth.id, birth_date=youth.birth_date, removed=youth.removed, identifiers=[
         schemas.IdentifierIn(source=link.source, system=link.system, value=link.value) for link in links])
 
@@ -205,3 +219,173 @@ def end_member(session: Session, *, principal: Principal, mdt_id: str, membershi
         row.ended_by = principal.sub
         session.commit()
     return _member_out(row)
+
+
+# ---- identity linking -------------------------------------------------------------------
+
+LINKED_ELSEWHERE = ("the identifier is already linked to another youth; if that link is a mistake, "
+                    "the registry admin can remove it")
+SOURCE_TAKEN = ("the youth already has an identifier in that source; if it is a mistake, "
+                "the registry admin can remove it first")
+ONLY_ADMIN_UNLINKS = "only the registry admin may remove an identifier link"
+NOT_FOUND_BY_IDENTIFIER = "no youth that you may see has that identifier"
+"""The one answer to a lookup that is not answered, whatever the reason."""
+NO_YOUTH = ""
+"""Stands in for the youth id when an identifier is not linked, so the lookup runs the same queries."""
+IDENTIFIER_PARAM = "identifier"
+_SYSTEM = re.compile(r"^\S{1,255}$")
+_VALUE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_SOURCE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+MAX_TOKEN = 255 + 1 + 64
+
+
+def may_link(session: Session, *, principal: Principal, youth_id: str, now: datetime) -> bool:
+    """The registry admin, or staff of the lead agency of one of the youth's open teams (as for the roster)."""
+    if principal.role == ADMIN_ROLE:
+        return True
+    teams = session.scalars(select(Mdt).where(Mdt.youth_id == youth_id)).all()
+    return any(mdt_open(mdt, now) and mdt.lead_agency_id == principal.agency for mdt in teams)
+
+
+def link_identifiers(session: Session, *, principal: Principal, youth_id: str, body: schemas.IdentifiersIn,
+                     now: datetime, source_systems: Mapping[str, str]) -> schemas.YouthOut:
+    """Link source identifiers to a youth, all or none; relinking what is already there changes nothing.
+
+    Authority is checked before the body's terms. One source id belongs to one youth (the
+    unique constraint decides a race between two requests) and a youth has one id per source.
+    """
+    if session.get(Youth, youth_id) is None or not may_link(session, principal=principal, youth_id=youth_id,
+                                                             now=now):
+        raise Forbidden(NO_ACCESS)
+    _check_identifiers(body.identifiers, source_systems)
+    # Serializes linkers of one youth on PostgreSQL (SQLite transactions are already serial).
+    youth = session.scalars(select(Youth).where(Youth.id == youth_id).with_for_update()).one()
+    held = {(link.source, link.system, link.value) for link in youth_links(session, youth_id=youth_id)}
+    held_sources = {source for source, _system, _value in held}
+    for ident in body.identifiers:
+        owner = _owner(session, ident.system, ident.value)
+        if owner is not None and owner != youth_id:
+            raise Conflict(LINKED_ELSEWHERE)
+        if owner == youth_id:
+            continue
+        if ident.source in held_sources:
+            raise Conflict(SOURCE_TAKEN)
+        session.add(YouthIdentifier(youth_id=youth_id, source=ident.source, system=ident.system, value=ident.value))
+    try:
+        session.commit()
+    except IntegrityError:  # another request linked one of these ids between our check and our insert
+        session.rollback()
+        if any(_owner(session, i.system, i.value) != youth_id for i in body.identifiers):
+            raise Conflict(LINKED_ELSEWHERE) from None
+    return _youth_out(session, youth)
+
+
+def _check_identifiers(identifiers: list[schemas.IdentifierIn], source_systems: Mapping[str, str]) -> None:
+    """Known sources, each under its own identifier system, one identifier per source."""
+    for ident in identifiers:
+        if ident.source not in source_systems:
+            raise BadRequest("unknown source in identifiers")
+        if ident.system != source_systems[ident.source]:
+            raise BadRequest("an identifier's system is not the identifier system of its source")
+    pairs = [(i.system, i.value) for i in identifiers]
+    if len(pairs) != len(set(pairs)):
+        raise BadRequest("duplicate identifier")
+    sources = [i.source for i in identifiers]
+    if len(sources) != len(set(sources)):
+        raise BadRequest("more than one identifier for the same source")
+
+
+def _owner(session: Session, system: str, value: str) -> str | None:
+    """The youth a source id is linked to."""
+    return session.scalar(select(YouthIdentifier.youth_id).where(YouthIdentifier.system == system,
+                                                                 YouthIdentifier.value == value))
+
+
+@dataclass(frozen=True)
+class Unlinked:
+    """What an unlink removed: the source and its systems (never the value) and the youth as it is now."""
+
+    youth: schemas.YouthOut
+    source: str
+    systems: tuple[str, ...]
+
+
+def check_source_name(source: str) -> str:
+    """A source name as the registry spells them."""
+    if not _SOURCE.match(source):
+        raise BadRequest("invalid source name")
+    return source
+
+
+def unlink_source(session: Session, *, principal: Principal, youth_id: str, source: str,
+                  now: datetime) -> Unlinked:
+    """Remove a mistaken link (registry admin only); the audit event keeps which source it was."""
+    if principal.role != ADMIN_ROLE:
+        raise Forbidden(ONLY_ADMIN_UNLINKS)
+    youth = session.scalars(select(Youth).where(Youth.id == youth_id).with_for_update()).one_or_none()
+    if youth is None:
+        raise NotFound("no such youth")
+    rows = session.scalars(select(YouthIdentifier).where(YouthIdentifier.youth_id == youth_id,
+                                                         YouthIdentifier.source == source)).all()
+    if not rows:
+        raise NotFound("the youth has no identifier in that source")
+    systems = tuple(sorted({r.system for r in rows}))
+    for row in rows:
+        session.delete(row)
+    session.commit()
+    return Unlinked(youth=_youth_out(session, youth), source=source, systems=systems)
+
+
+def parse_identifier_query(params: list[tuple[str, str]], *, known_systems: frozenset[str]) -> tuple[str, str]:
+    """``identifier=<system>|<value>`` (FHIR token syntax), alone; errors never echo what was sent."""
+    names = [name for name, _ in params]
+    if any(name != IDENTIFIER_PARAM for name in names):
+        raise BadRequest("unknown parameter: only identifier is supported")
+    if len(names) != 1:
+        raise BadRequest("exactly one identifier parameter is required (identifier=<system>|<value>)")
+    raw = params[0][1]
+    if len(raw) > MAX_TOKEN:
+        raise BadRequest("invalid parameter: identifier is too long")
+    system, bar, value = raw.partition("|")
+    if not bar or not _SYSTEM.match(system) or not _VALUE.match(value):
+        raise BadRequest("invalid parameter: identifier (expected <system>|<value>)")
+    if system not in known_systems:
+        raise BadRequest("invalid parameter: identifier (unknown identifier system)")
+    return system, value
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A lookup's answer: ``youth_id`` is None unless the caller may know the youth."""
+
+    youth_id: str | None
+    mdts: tuple[str, ...] = ()
+    answered_as: tuple[str, ...] = ()
+    court_order_ids: tuple[str, ...] = ()
+
+
+def lookup_youth(session: Session, *, principal: Principal, system: str, value: str, now: datetime) -> Lookup:
+    """Find a youth by a source id, for their team's active members and requesters an order names.
+
+    Being on a CSEC team is itself sensitive, so an unknown id and a youth the caller may not
+    know run the same three queries (the youth id stands in as ``NO_YOUTH``) and end alike.
+    """
+    from broker.orders.service import active_orders_for
+
+    linked = _owner(session, system, value)
+    youth_id = linked if linked is not None else NO_YOUTH
+    teams = session.execute(
+        select(Mdt, MembershipRow)
+        .outerjoin(MembershipRow, and_(MembershipRow.mdt_id == Mdt.id, MembershipRow.sub == principal.sub))
+        .where(Mdt.youth_id == youth_id)
+        .order_by(Mdt.opened_at, Mdt.id, MembershipRow.id)).all()
+    orders = active_orders_for(session, youth_id=youth_id, principal=principal, now=now)
+    open_teams = [mdt for mdt, _row in teams if mdt_open(mdt, now)]
+    member_of = {mdt.id for mdt, row in teams if row is not None and mdt_open(mdt, now)
+                 and _held_by(row, principal, now)}
+    if linked is None or not (member_of or orders):
+        return Lookup(youth_id=None)
+    mdts = tuple(dict.fromkeys(mdt.id for mdt in open_teams if orders or mdt.id in member_of))
+    answered_as = (("mdt-member",) if member_of else ()) + (("court-order",) if orders else ())
+    return Lookup(youth_id=linked, mdts=mdts, answered_as=answered_as,
+                  court_order_ids=tuple(o.id for o in orders))
