@@ -15,6 +15,7 @@ from broker.auth.keys import BrokerKey, load_signing_key
 from broker.auth.tokens import TokenIssuer, TokenVerifier
 from broker.grounds import GroundsResolver, StoreGrounds
 from broker.pipeline.labels import CategoryLabels, Labeller
+from broker.pipeline.sources import SourceGate
 from broker.policy.engine import CasbinPolicyEngine
 from broker.settings import Settings, SourceConfig
 from broker.store.db import make_engine, make_sessionmaker
@@ -46,6 +47,8 @@ class Runtime:
     source_timeouts: dict[str, float] = field(default_factory=dict)
     audit_key: Any = None
     """The Ed25519 key that signs audit checkpoints (None: checkpoints are not written)."""
+    gate: SourceGate = field(default_factory=SourceGate)
+    """Timeouts and circuit breakers around every connector call."""
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -126,6 +129,8 @@ def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtim
         audit=GroupCommitAuditSink(sessions),
         source_timeouts={cfg.name: cfg.timeout for cfg in settings.sources},
         audit_key=_audit_key(settings),
+        gate=SourceGate(threshold=settings.source_breaker_threshold,
+                        reset_seconds=settings.source_breaker_reset_seconds),
     )
 
 

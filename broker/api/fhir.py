@@ -52,3 +52,15 @@ async def fhir_read(request: Request, mdt_id: MdtId, resource_type: ResourceType
                     x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
     """Read one resource; a withheld resource and a missing one get the same 404."""
     return await pipeline.fhir_read(request, mdt_id=mdt_id, resource_type=resource_type, resource_id=resource_id)
+
+
+@router.get("/mdts/{mdt_id}/record", responses=FHIR_RESPONSES, tags=["record"])
+async def record(request: Request, mdt_id: MdtId, pipeline: PipelineDep,
+                 x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
+    """Everything the requester may see about the youth, from every source, in one collection Bundle.
+
+    Entries are grouped by category (``record-category`` extension on each entry); the last entry
+    is an OperationOutcome with one issue per configured source (ok / unavailable / timeout).
+    Sources are asked in parallel, each under its own timeout and circuit breaker.
+    """
+    return await pipeline.record(request, mdt_id=mdt_id)

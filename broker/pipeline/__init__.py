@@ -39,6 +39,7 @@ from broker.errors import (
     outcome_response,
 )
 from broker.observability import stage_span
+from broker.pipeline import record_view
 from broker.pipeline.exchange import Exchange
 from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
@@ -181,26 +182,118 @@ class Pipeline:
         decisions = self._decide(ex, ctx, grounds)
         allowed = decisions.allowed_categories()
         results = await self._fetch(ex, ctx, search, resource_type, allowed)
+        outcome = await self._filter(ex, decisions, grounds, results, allowed)
+        window = outcome.released[search.offset: search.offset + search.count]
+        page, page_categories = self._label(ex, window)
+        return self._bundle(request, ex, resource_type, search, page, page_categories,
+                            has_more=len(outcome.released) > search.offset + search.count)
+
+    async def _filter(self, ex: Exchange, decisions: DecisionSet, grounds: Grounds,
+                      results: list[tuple[dict, str, frozenset[str]]], allowed: frozenset[str]) -> FilterOutcome:
+        """Classify, drop and redact; then spend single-use consents for what is left."""
         with stage_span("filter"):
-            outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed)
+            outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed,
+                                       known=frozenset(self.rt.categories))
             outcome = await self._spend_limited_consents(ex, decisions, grounds, outcome)
         ex.withheld_categories.update(outcome.withheld_categories)
         ex.redactions.extend(outcome.redactions)
         if outcome.foreign_dropped:
             ex.detail["foreign_items_dropped"] = outcome.foreign_dropped
-        window = outcome.released[search.offset: search.offset + search.count]
+        return outcome
+
+    def _label(self, ex: Exchange, items: list[tuple[dict, frozenset[str]]]) -> tuple[list[dict], set[str]]:
+        """Security labels and obligations on each released item; what the audit records as released."""
         page: list[dict] = []
         page_categories: set[str] = set()
         with stage_span("label"):
-            for resource, categories in window:
+            for resource, categories in items:
                 ex.obligations.update(self.rt.labeller.label(resource, categories))
                 self._cite_documents(resource, categories, ex)
                 page_categories.update(categories)
                 page.append(resource)
         ex.released_categories = page_categories
         ex.released_count = len(page)
-        return self._bundle(request, ex, resource_type, search, page, page_categories,
-                            has_more=len(outcome.released) > search.offset + search.count)
+        return page, page_categories
+
+    async def record(self, request: Request, *, mdt_id: str) -> Response:
+        """``GET /mdts/{id}/record``: everything the requester may see about the youth, from every source."""
+
+        async def handler(ex: Exchange) -> Response:
+            if request.query_params:
+                raise BadRequest("the record view takes no query parameters")
+            self._purpose(request, ex)
+            ctx, grounds = await self._context(ex)
+            decisions = self._decide(ex, ctx, grounds)
+            allowed = decisions.allowed_categories()
+            results, statuses = await self._fetch_record(ex, ctx, allowed)
+            outcome = await self._filter(ex, decisions, grounds, results, allowed)
+            grouped = record_view.group(outcome.released, self.rt.vocabulary.categories)
+            _page, categories = self._label(ex, grouped)
+            bundle = record_view.bundle(
+                base=f"{self.rt.settings.public_url}/mdts/{ex.mdt_id}/fhir", bundle_id=ex.request_id,
+                items=grouped, categories=categories, statuses=statuses, labeller=self.rt.labeller,
+                now=_now_iso(), released_under_url=RELEASED_UNDER_URL, notice_url=OBLIGATION_NOTICE_URL)
+            return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
+
+        return await self.run(request, action="record.read", route="/mdts/{id}/record", handler=handler,
+                              mdt_id=mdt_id)
+
+    async def _fetch_record(self, ex: Exchange, ctx: RequestContext,
+                            allowed: frozenset[str]) -> tuple[list[tuple[dict, str, frozenset[str]]], dict[str, str]]:
+        """Every resource type of every source that could release something, sources in parallel.
+
+        Each source runs under its own timeout and breaker. The status map lists every configured
+        source: one that was not asked (no link to the youth, or nothing it holds could be
+        released) is ``ok`` like one that answered, so the map says nothing about policy or links.
+        """
+        links = {}
+        for link in ctx.links:
+            connector = self.rt.connectors.get(link.source)
+            if connector is not None and link.system == connector.identifier_system:
+                links.setdefault(link.source, link.value)
+        statuses = {name: record_view.OK for name in sorted(self.rt.connectors)}
+        jobs = []
+        for name, patient_id in sorted(links.items()):
+            connector = self.rt.connectors[name]
+            if not connector.default_categories <= allowed:
+                ex.sources.append({"source": name, "status": "not-asked"})
+                continue
+            types = sorted(connector.resource_types or self.rt.resource_types)
+            jobs.append((connector, patient_id, types))
+
+        async def one(connector: Any, patient_id: str, types: list[str]) -> tuple[str, list[dict]]:
+            timeout = self.rt.source_timeouts.get(connector.name, 5.0)
+
+            async def every_type() -> list[dict]:
+                try:
+                    async with asyncio.TaskGroup() as tg:  # one type failing fails (and cancels) the source
+                        tasks = [tg.create_task(connector.search(SourceQuery(resource_type=t, patient_id=patient_id),
+                                                                 timeout=timeout)) for t in types]
+                except ExceptionGroup as group:  # the source's status comes from its first failure
+                    timeouts = group.subgroup((SourceTimeout, TimeoutError))
+                    raise (timeouts or group).exceptions[0] from None
+                found: list[dict] = []
+                for task in tasks:
+                    items = task.result()
+                    if not isinstance(items, list):
+                        raise TypeError("connector returned something other than a list")
+                    found.extend(items)
+                return found
+
+            with stage_span("fetch", source=connector.name) as span:
+                status, items = await self.rt.gate.call(connector.name, every_type, timeout=timeout,
+                                                        request_id=ex.request_id)
+                if status != record_view.OK:
+                    _set_status(span, status)
+                return status, items or []
+
+        results = await asyncio.gather(*(one(c, pid, types) for c, pid, types in jobs))
+        items: list[tuple[dict, str, frozenset[str]]] = []
+        for (connector, patient_id, _types), (status, found) in zip(jobs, results):
+            statuses[connector.name] = status
+            ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
+            items.extend((r, patient_id, connector.default_categories) for r in found)
+        return items, statuses
 
     async def _context(self, ex: Exchange) -> tuple[RequestContext, Grounds]:
         """Resolve youth, MDT, membership and grounds in one snapshot; anything amiss is the one 403.
@@ -328,17 +421,14 @@ class Pipeline:
         async def one(connector: Any, patient_id: str, query: SourceQuery) -> tuple[str, list[dict]]:
             timeout = self.rt.source_timeouts.get(connector.name, 5.0)
             with stage_span("fetch", source=connector.name) as span:
-                try:
-                    items = await connector.search(query, timeout=timeout)
-                    return "ok", items
-                except SourceTimeout:
-                    _set_status(span, "timeout")
-                    return "timeout", []
-                except Exception as err:  # any source failure is that source's status, never a 500
-                    _set_status(span, "unavailable")
-                    log.warning("source_failed", source=connector.name, error_type=type(err).__name__,
-                                request_id=ex.request_id)
-                    return "unavailable", []
+                status, items = await self.rt.gate.call(
+                    connector.name, lambda: connector.search(query, timeout=timeout), timeout=timeout,
+                    request_id=ex.request_id)
+                if status == "ok" and not isinstance(items, list):
+                    status, items = "unavailable", []
+                if status != "ok":
+                    _set_status(span, status)
+                return status, items or []
 
         results = await asyncio.gather(*(one(c, pid, q) for c, pid, q in jobs))
         items: list[tuple[dict, str, frozenset[str]]] = []
@@ -375,11 +465,8 @@ class Pipeline:
                     "search": {"mode": "outcome"}})
         if entries:
             bundle["entry"] = entries
-        extensions = [{"url": OBLIGATION_NOTICE_URL, "valueString": n["text"]} for n in
-                      self.rt.labeller.obligation_notices(self.rt.labeller.summarize(categories)[2]) if n["text"]]
-        documents = dict.fromkeys(e["valueReference"]["reference"] for r in page
-                                  for e in r.get("meta", {}).get("extension", []) if e.get("url") == RELEASED_UNDER_URL)
-        extensions += [{"url": RELEASED_UNDER_URL, "valueReference": {"reference": ref}} for ref in documents]
+        extensions = record_view.meta_extensions(self.rt.labeller, page, categories, notice_url=OBLIGATION_NOTICE_URL,
+                                                 released_under_url=RELEASED_UNDER_URL)
         if extensions:
             bundle["meta"]["extension"] = extensions
         return bundle

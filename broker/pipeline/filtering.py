@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from broker.pipeline.redaction import redact_labelled_elements
 from connectors.base import belongs_to_patient
 
 # Patient elements that can reveal where the youth lives or is placed.
@@ -32,10 +33,13 @@ def filter_resources(
     *,
     classify: Callable[[dict, frozenset[str]], frozenset[str]],
     allowed: frozenset[str],
+    known: frozenset[str] = frozenset(),
 ) -> FilterOutcome:
-    """Release (deep copies of) items whose categories are all allowed.
+    """Release (deep copies of) items whose categories are all allowed, minus labelled elements that are not.
 
-    ``items`` yields (resource, source patient id, source default categories).
+    ``items`` yields (resource, source patient id, source default categories). ``known`` is
+    the vocabulary's categories (an element labelled with anything else is removed). A
+    labelled element that stays adds its category to the item's, so it is labelled too.
     """
     out = FilterOutcome()
     for resource, patient_id, defaults in items:
@@ -47,6 +51,10 @@ def filter_resources(
             out.withheld_categories.update(categories - allowed)
             continue
         released = copy.deepcopy(resource)
+        redaction = redact_labelled_elements(released, allowed, known)
+        out.redactions.extend(redaction.paths)
+        out.withheld_categories.update(redaction.withheld)
+        categories = categories | redaction.kept
         if released.get("resourceType") == "Patient" and "placement-location" not in allowed:
             for element in PATIENT_LOCATION_ELEMENTS:
                 if element in released:

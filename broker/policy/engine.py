@@ -8,6 +8,7 @@ Casbin's linear rule scan is paid once per distinct request tuple.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -293,9 +294,16 @@ def _line_of(text: str, key: str) -> int | None:
     return None
 
 
+_CASBIN_LOG = logging.getLogger("broker.policy.casbin")
+_CASBIN_LOG.setLevel(logging.ERROR)
+
+
 def _build_enforcer(path: Path, model: Model, rules: tuple[PolicyRule, ...]) -> casbin.Enforcer:
     """A plain Enforcer (FastEnforcer's key filter ignores * and g/g2, and crashes in enforce_ex)."""
     enforcer = casbin.Enforcer(model)
+    # pycasbin logs every deny at WARNING on the shared "casbin.enforcer" logger: noise (the
+    # audit event records each decision with its rule) and a format call on the hot path.
+    enforcer.logger = _CASBIN_LOG
     p_rules = [list(r.fields) for r in rules if r.ptype == "p"]
     if p_rules and not enforcer.add_policies(p_rules):
         raise PolicyError(path, None, "Casbin refused the policy rules")
