@@ -37,6 +37,17 @@ async def test_demo_banner_requests_show_an_allowed_and_a_withheld_category(demo
         assert "alpha-cond-cannabis" not in ids    # Part 2: withheld
         r = await c.get("/mdts/mdt-demo-charlie/fhir/Observation", headers=headers)
         assert r.status_code == 200 and "entry" not in r.json()
+        # the record view the banner shows: referrals without their reporter, every system ok
+        mh = re.findall(r"Bearer (\S+)' -H 'X-Purpose-Of-Use: COC' \\\n\s+\S+/record", text)
+        assert len(mh) == 1
+        r = await c.get("/mdts/mdt-demo-alpha/record",
+                        headers={"Authorization": f"Bearer {mh[0]}", "X-Purpose-Of-Use": "COC"})
+        assert r.status_code == 200, r.text
+        entries = r.json()["entry"]
+        referrals = [e["resource"] for e in entries if e.get("extension", [{}])[0].get("valueCode") == "canra-report"]
+        assert referrals and all("sender" not in ref for ref in referrals)
+        statuses = {i["details"]["text"]: i["details"]["coding"][0]["code"] for i in entries[-1]["resource"]["issue"]}
+        assert set(statuses.values()) == {"ok"} and len(statuses) == 5
     await app.state.runtime.aclose()
     assert main(["audit", "verify", "--demo"]) == 0
 
