@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -37,9 +38,27 @@ def _count(sessions) -> int:
         return session.scalar(select(func.count()).select_from(AuditEventRow))
 
 
-def _run_together(sink: GroupCommitAuditSink, events: list[dict]) -> list:
-    """Append every event from its own thread; each result is an outcome or the raised error."""
+def _run_together(sink: GroupCommitAuditSink, events: list[dict], *, engine=None) -> list:
+    """Append every event from its own thread; each result is an outcome or the raised error.
+
+    With ``engine``, the chain head is locked until every caller has queued, so the callers
+    share batches however slowly the threads start (a loaded CI machine starts them one by one).
+    """
     results: list = [None] * len(events)
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold_head() -> None:
+        with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE takes the write lock
+            conn.execute(select(AuditHead.seq).with_for_update())  # PostgreSQL: the head row lock
+            holding.set()
+            release.wait(30)
+
+    holder = None
+    if engine is not None:
+        holder = threading.Thread(target=hold_head)
+        holder.start()
+        assert holding.wait(30)
 
     def one(i: int) -> None:
         try:
@@ -50,6 +69,12 @@ def _run_together(sink: GroupCommitAuditSink, events: list[dict]) -> list:
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(events))]
     for t in threads:
         t.start()
+    if holder is not None:
+        deadline = time.monotonic() + 30
+        while sink._inside < len(events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        holder.join(30)
     for t in threads:
         t.join(60)
     return results
@@ -155,7 +180,7 @@ def test_failed_batch_fails_every_waiter_and_writes_nothing(db):
     events = [make_event(i) for i in range(1, 13)]
     batches_before = sink.batches
 
-    results = _run_together(sink, events)
+    results = _run_together(sink, events, engine=db.engine)
 
     assert all(isinstance(r, AuditWriteError) for r in results), results
     assert all("head frozen" not in str(r) for r in results)

@@ -166,7 +166,9 @@ async def test_attack_token_is_refused(world: World, build: Callable[[World], st
     assert all(part not in resp.text for part in token.split(".") if len(part) > 8)
 
 
-@pytest.mark.parametrize("token", [*GARBAGE, None, 42, b"a.b.c", ["a", "b", "c"]])
+# Ids by position: some tokens embed the current time, and xdist workers must collect the same ids.
+@pytest.mark.parametrize("token", [*GARBAGE, None, 42, b"a.b.c", ["a", "b", "c"]],
+                         ids=[f"garbage-{i}" for i in range(len(GARBAGE) + 4)])
 def test_garbage_is_only_ever_an_auth_error(world: World, token: Any) -> None:
     with pytest.raises(AuthError) as info:
         world.verifier.verify(token)
@@ -174,7 +176,7 @@ def test_garbage_is_only_ever_an_auth_error(world: World, token: Any) -> None:
     assert info.value.status_code == 401
 
 
-@pytest.mark.parametrize("token", GARBAGE)
+@pytest.mark.parametrize("token", GARBAGE, ids=[f"garbage-{i}" for i in range(len(GARBAGE))])
 async def test_garbage_over_http_is_401(world: World, token: str) -> None:
     async with world.http() as http:
         resp = await http.get("/whoami", headers={"Authorization": f"Bearer {token}".encode()})
