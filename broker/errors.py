@@ -84,6 +84,45 @@ def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> d
     }
 
 
+OPERATION_OUTCOME_SCHEMA = {
+    "title": "OperationOutcome", "type": "object", "description": "FHIR R4 OperationOutcome: every error body",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["OperationOutcome"]},
+        "issue": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["severity", "code"],
+            "properties": {"severity": {"type": "string", "enum": ["fatal", "error", "warning", "information"]},
+                           "code": {"type": "string"}, "diagnostics": {"type": "string"},
+                           "expression": {"type": "array", "items": {"type": "string"}}}}},
+    },
+}
+
+
+def document_errors(doc: dict, *, edge: dict[int, str]) -> None:
+    """Make the OpenAPI document say what errors really look like.
+
+    Responses described as "OperationOutcome..." get that schema in FHIR JSON; FastAPI's automatic
+    422 goes, because ``_validation_handler`` answers request validation errors with 400; every
+    operation lists the statuses the edge middlewares can answer (``edge``).
+    """
+    doc.setdefault("components", {}).setdefault("schemas", {})["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
+    for methods in doc.get("paths", {}).values():
+        for operation in methods.values():
+            responses = operation.setdefault("responses", {})
+            if responses.get("422", {}).get("description") == "Validation Error":
+                del responses["422"]
+                responses.setdefault("400", {"description": "OperationOutcome: invalid request"})
+            for status, text in edge.items():
+                responses.setdefault(str(status), {"description": text})
+            for status, response in responses.items():
+                if (int(status) >= 400 and "content" not in response
+                        and response.get("description", "").startswith("OperationOutcome")):
+                    response["content"] = {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}
+    if "HTTPValidationError" not in str(doc["paths"]):
+        for unused in ("HTTPValidationError", "ValidationError"):
+            doc["components"]["schemas"].pop(unused, None)
+
+
 def outcome_response(status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None) -> Response:
     """Serialize an OperationOutcome response."""
     return Response(orjson.dumps(operation_outcome(code, diagnostics)), status_code=status,

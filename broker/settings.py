@@ -75,6 +75,16 @@ class Settings(BaseSettings):
                                           "timeouts of a source after which it is not asked for a while")
     source_breaker_reset_seconds: float = Field(default=30.0, gt=0, le=3600, description="How long a source "
                                                 "whose breaker opened is reported unavailable without asking it")
+    rate_limit_per_minute: int = Field(default=6000, ge=1, le=1_000_000, description="Requests per minute "
+                                       "each client_id may make to the audited routes (data, registry, audit)")
+    token_rate_limit_per_minute: int = Field(default=3000, ge=1, le=1_000_000, description="Token requests "
+                                             "per minute each authenticated client may make at /oauth/token")
+    token_rate_limit_per_address_per_minute: int = Field(
+        default=3000, ge=1, le=1_000_000, description="Requests per minute each remote address may make to "
+        "/oauth/token, counted before authentication (unauthenticated floods)")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (exact https origins); "
+        "empty, the default, means no CORS headers at all: agency systems call server to server")
     log_level: str = "INFO"
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None
@@ -105,6 +115,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"signing_key_file {key} must not be readable by group or others")
             if not self.public_url.startswith("https://") and not _is_loopback(self.public_url):
                 raise ValueError("public_url must be https outside demo mode")
+        for origin in self.cors_allow_origins:
+            if not _is_origin(origin):
+                raise ValueError("cors_allow_origins entries must be exact origins (https://host[:port]; "
+                                 "http only on loopback), never '*'")
         if self.external_jwks_url and not (self.external_issuer and self.external_audience):
             raise ValueError("external_jwks_url needs external_issuer and external_audience")
         if self.sources_file is not None:
@@ -126,3 +140,19 @@ def _is_loopback(url: str) -> bool:
 
     host = urlsplit(url).hostname or ""
     return host in {"127.0.0.1", "localhost", "::1"}
+
+
+def _is_origin(value: str) -> bool:
+    """``scheme://host[:port]`` with nothing else; https, or http on loopback."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return False
+    if parts.scheme not in ("https", "http") or not parts.hostname or "*" in value:
+        return False
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        return False
+    return parts.scheme == "https" or _is_loopback(value)

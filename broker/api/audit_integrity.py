@@ -18,10 +18,12 @@ from broker.audit.export import export_csv, export_fhir, export_ndjson
 from broker.audit.verify import format_report, verify_chain
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.pipeline.exchange import Exchange
+from broker.registry.views import ERRORS
 
 __all__ = ["AUDIT_ROLES", "router"]
 
 router = APIRouter(tags=["audit"])
+MAX_SEQ = 2**63 - 1  # a sequence is a BIGINT; a larger number would overflow the query, not just miss
 AUDIT_ROLES = frozenset({"auditor", "privacy-officer"})
 _FORMATS = {
     "ndjson": ("application/x-ndjson", "ndjson", export_ndjson),
@@ -40,8 +42,9 @@ def _audit_key(request: Request):  # type: ignore[no-untyped-def]
     return getattr(request.app.state.runtime, "audit_key", None)
 
 
-@router.get("/audit/verify", summary="Verify the audit chain and its signed checkpoints (auditor, privacy officer)")
-async def verify(request: Request, from_seq: Annotated[int, Query(alias="from", ge=1)] = 1) -> Response:
+@router.get("/audit/verify", summary="Verify the audit chain and its signed checkpoints (auditor, privacy officer)",
+            responses=ERRORS)
+async def verify(request: Request, from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_SEQ)] = 1) -> Response:
     """The report names the first broken place and its kind; the walk runs in a worker thread."""
     runtime = request.app.state.runtime
 
@@ -59,9 +62,11 @@ async def verify(request: Request, from_seq: Annotated[int, Query(alias="from", 
                                                 handler=handler)
 
 
-@router.get("/audit/export", summary="Stream the audit log as NDJSON, CSV or FHIR AuditEvent (auditors)")
+@router.get("/audit/export", summary="Stream the audit log as NDJSON, CSV or FHIR AuditEvent (auditors)",
+            responses={200: {"description": "The events from since_seq on, one per line (CSV: one per row)",
+                             "content": {media: {} for media, _suffix, _fn in _FORMATS.values()}}, **ERRORS})
 async def export(request: Request, format: str = "ndjson",
-                 since_seq: Annotated[int, Query(ge=1)] = 1) -> Response:
+                 since_seq: Annotated[int, Query(ge=1, le=MAX_SEQ)] = 1) -> Response:
     """A streaming download; the request is audited before the first byte is sent."""
     runtime = request.app.state.runtime
 
@@ -81,7 +86,8 @@ async def export(request: Request, format: str = "ndjson",
                                                 handler=handler)
 
 
-@router.get("/audit/checkpoint-key", summary="The public key that verifies audit checkpoints (no token needed)")
+@router.get("/audit/checkpoint-key", summary="The public key that verifies audit checkpoints (no token needed)",
+            responses={404: {"description": "OperationOutcome: no audit key is configured"}})
 async def checkpoint_key(request: Request) -> Response:
     """PEM for `broker audit verify --export FILE --public-key PEM`, and the same key as an OKP JWK."""
     key = _audit_key(request)

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from broker.api.deps import PipelineDep, RuntimeDep
 from broker.errors import FHIR_JSON
+from broker.pipeline.search_params import DATE_VALUE, RESOURCE_ID, SORT_VALUES, TOKEN_VALUE
 
 router = APIRouter(tags=["fhir"])
 
@@ -16,12 +17,43 @@ PURPOSE_DOC = ("HL7 PurposeOfUse code (v3-ActReason, e.g. TREAT, COC) or CHILDPR
                "token's purpose_of_use claim")
 MdtId = Annotated[str, Path(max_length=64)]
 ResourceType = Annotated[str, Path(max_length=64)]
+_ONE = "; a comma-separated list (up to 20 values) or the parameter repeated means any of them"
+# What parse_search accepts (broker/pipeline/search_params.py); anything else is refused with 400.
+SEARCH_PARAMETERS = [{"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+                     for name, schema, text in (
+    ("_count", {"type": "integer", "minimum": 1, "maximum": 9_999_999},
+     "Page size; a value above the broker's maximum (BROKER_MAX_COUNT, default 200) is lowered to it"),
+    ("_offset", {"type": "integer", "minimum": 0, "maximum": 9_999_999}, "Entries to skip (paging)"),
+    ("_lastUpdated", {"type": "string", "pattern": DATE_VALUE.pattern}, "FHIR date search" + _ONE),
+    ("date", {"type": "string", "pattern": DATE_VALUE.pattern}, "FHIR date search" + _ONE),
+    ("code", {"type": "string", "pattern": TOKEN_VALUE.pattern}, "FHIR token [system|]code" + _ONE),
+    ("status", {"type": "string", "pattern": TOKEN_VALUE.pattern}, "FHIR token" + _ONE),
+    ("category", {"type": "string", "pattern": TOKEN_VALUE.pattern}, "FHIR token" + _ONE),
+    ("_id", {"type": "string", "pattern": RESOURCE_ID.pattern}, "Resource id" + _ONE),
+    ("_sort", {"type": "string", "enum": sorted(SORT_VALUES)}, "Sort order"),
+    ("_format", {"type": "string", "enum": ["json", "application/fhir+json", "application/json"]}, "JSON only"))]
 FHIR_RESPONSES = {200: {"content": {FHIR_JSON: {}}, "description": "FHIR R4 JSON"},
                   400: {"description": "OperationOutcome"}, 401: {"description": "OperationOutcome"},
                   403: {"description": "OperationOutcome"}, 503: {"description": "OperationOutcome"}}
 
 
-@router.get("/mdts/{mdt_id}/fhir/metadata", responses=FHIR_RESPONSES)
+def _ok(description: str, resource_type: str | None, **schema: object) -> dict:
+    """FHIR_RESPONSES with a 200 whose body schema says what kind of resource comes back."""
+    body = {"type": "object", "required": ["resourceType", "id"],
+            "properties": {"resourceType": {"type": "string", **({"enum": [resource_type]} if resource_type else {})},
+                           "id": {"type": "string"}}, **schema}
+    return {**FHIR_RESPONSES, 200: {"description": description, "content": {FHIR_JSON: {"schema": body}}}}
+
+
+def _bundle(kind: str) -> dict:
+    """A Bundle of this type that never carries a total (counts would tell what was withheld)."""
+    return {"required": ["resourceType", "id", "type"], "not": {"required": ["total"]},
+            "properties": {"resourceType": {"enum": ["Bundle"]}, "id": {"type": "string"}, "type": {"enum": [kind]},
+                           "entry": {"type": "array", "items": {"type": "object"}}}}
+
+
+@router.get("/mdts/{mdt_id}/fhir/metadata", responses=_ok("The facade's CapabilityStatement", "CapabilityStatement",
+                                                          required=["resourceType"]))
 async def capability_statement(runtime: RuntimeDep) -> Response:
     """A minimal CapabilityStatement so FHIR clients can discover the facade (reveals nothing per youth)."""
     import orjson
@@ -39,14 +71,16 @@ async def capability_statement(runtime: RuntimeDep) -> Response:
     return Response(orjson.dumps(body), media_type=FHIR_JSON)
 
 
-@router.get("/mdts/{mdt_id}/fhir/{resource_type}", responses=FHIR_RESPONSES)
+@router.get("/mdts/{mdt_id}/fhir/{resource_type}", responses=_ok("A searchset Bundle", None, **_bundle("searchset")),
+            openapi_extra={"parameters": SEARCH_PARAMETERS})
 async def fhir_search(request: Request, mdt_id: MdtId, resource_type: ResourceType, pipeline: PipelineDep,
                       x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
     """Search one resource type across the youth's sources; only what policy releases, labelled."""
     return await pipeline.fhir_search(request, mdt_id=mdt_id, resource_type=resource_type)
 
 
-@router.get("/mdts/{mdt_id}/fhir/{resource_type}/{resource_id}", responses=FHIR_RESPONSES)
+@router.get("/mdts/{mdt_id}/fhir/{resource_type}/{resource_id}",
+            responses={**_ok("The resource", None), 404: {"description": "OperationOutcome: no such resource, or withheld"}})
 async def fhir_read(request: Request, mdt_id: MdtId, resource_type: ResourceType,
                     resource_id: Annotated[str, Path(max_length=64)], pipeline: PipelineDep,
                     x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
@@ -54,7 +88,8 @@ async def fhir_read(request: Request, mdt_id: MdtId, resource_type: ResourceType
     return await pipeline.fhir_read(request, mdt_id=mdt_id, resource_type=resource_type, resource_id=resource_id)
 
 
-@router.get("/mdts/{mdt_id}/record", responses=FHIR_RESPONSES, tags=["record"])
+@router.get("/mdts/{mdt_id}/record", responses=_ok("A collection Bundle", None, **_bundle("collection")),
+            tags=["record"])
 async def record(request: Request, mdt_id: MdtId, pipeline: PipelineDep,
                  x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
     """Everything the requester may see about the youth, from every source, in one collection Bundle.

@@ -16,7 +16,7 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "the database does not answer"}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """The database answers; 503 otherwise."""
     from anyio import to_thread

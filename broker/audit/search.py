@@ -32,6 +32,7 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
 BATCH = 500
 CATEGORY_STATES = ("released", "withheld", "decided")
+_DIGITS = re.compile(r"[0-9]{1,6}")  # ASCII only: str.isdigit() also accepts "²", which int() refuses
 _TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-._:@]{0,127}$")
 _ACTION = re.compile(r"^[a-z][a-z0-9\-]*(\.[a-z][a-z0-9\-]*)*$")
 PARAMS = ("youth", "actor", "agency", "role", "mdt", "category", "category_state", "purpose", "ground",
@@ -87,7 +88,7 @@ def decode_cursor(cursor: str) -> int:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadRequest("invalid parameter: cursor") from None
-    if not raw.isdigit() or len(raw) > 19:
+    if not raw.isdigit() or len(raw) > 18:  # ascii (decoded above); 19 digits can overflow a BIGINT
         raise BadRequest("invalid parameter: cursor")
     return int(raw)
 
@@ -129,13 +130,13 @@ def parse_query(items: Sequence[tuple[str, str]], *, categories: Mapping[str, An
         return v
 
     outcome = values.get("outcome")
-    if outcome is not None and (not outcome.isdigit() or not 100 <= int(outcome) <= 599):
+    if outcome is not None and (not _DIGITS.fullmatch(outcome) or not 100 <= int(outcome) <= 599):
         raise BadRequest("invalid parameter: outcome")
     flag = values.get("break_glass")
     if flag is not None and flag not in ("true", "false"):
         raise BadRequest("invalid parameter: break_glass (true or false)")
     limit_text = values.get("limit", str(DEFAULT_LIMIT))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+    if not _DIGITS.fullmatch(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
         raise BadRequest(f"invalid parameter: limit (1-{MAX_LIMIT})")
     start = parse_time("from", values["from"]) if "from" in values else None
     end = parse_time("to", values["to"]) if "to" in values else None

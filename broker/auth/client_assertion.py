@@ -7,9 +7,11 @@ signature verifies. Each assertion is usable once: its ``jti`` is recorded in
 ``used_assertions`` until it expires, and the primary key decides any race between two
 concurrent uses (an IntegrityError means replay), on SQLite and PostgreSQL alike.
 
-Every failure is ``AuthError("invalid_client")``. Until the signature verifies the
-description is the same for every cause, so that the endpoint cannot be used to learn which
-client ids exist.
+Every failure is ``AuthError("invalid_client")`` with a fixed ``reason`` code for the audit
+record. Until the signature verifies the description is the same for every cause; the token
+endpoint answers every ``invalid_client`` with one fixed description anyway, so callers learn
+nothing about which check failed. Once the signature has verified, the error names the client
+(``client_id``), so that a replayed or stale assertion is audited against the client it came from.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ _purge_lock = threading.Lock()
 _last_purge: float = float("-inf")
 
 
-def _fail(reason: str, description: str = _FAILED) -> AuthError:
+def _fail(reason: str, description: str = _FAILED, *, client_id: str | None = None) -> AuthError:
     log.info("client assertion rejected", extra={"reason": reason})
-    return AuthError("invalid_client", description)
+    return AuthError("invalid_client", description, reason=reason, client_id=client_id)
 
 
 def replay_key(client_id: str, jti: str) -> str:
@@ -73,34 +75,35 @@ def verify_client_assertion(session: Session, assertion: str, *, settings: Setti
     if not any(_jose.signature_valid(parsed, key) for key in keys):
         raise _fail("bad_signature")
 
-    # From here on the caller has proven it holds the client's key.
-    exp = _check_times(claims, settings=settings, now=now)
+    # From here on the assertion is known to be signed with the client's key (it may be a replay).
+    signed_by = client.client_id
+    exp = _check_times(claims, settings=settings, now=now, client_id=signed_by)
     if not _jose.audience_matches(claims.get("aud"), settings.token_endpoint):
-        raise _fail("wrong_audience", "The client assertion audience must be the token endpoint")
+        raise _fail("wrong_audience", "The client assertion audience must be the token endpoint", client_id=signed_by)
     jti = claims.get("jti")
     if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
-        raise _fail("missing_jti", "The client assertion needs a jti")
+        raise _fail("missing_jti", "The client assertion needs a jti", client_id=signed_by)
     _consume(session, client.client_id, jti, exp)
     _maybe_purge(session, settings=settings, now=now)
     return client
 
 
-def _check_times(claims: dict, *, settings: Settings, now: datetime) -> float:
+def _check_times(claims: dict, *, settings: Settings, now: datetime, client_id: str) -> float:
     t, skew = now.timestamp(), settings.clock_skew_seconds
     exp = _jose.numeric_date(claims.get("exp"))
     if exp is None:
-        raise _fail("missing_exp", "The client assertion needs an exp")
+        raise _fail("missing_exp", "The client assertion needs an exp", client_id=client_id)
     if t >= exp + skew:
-        raise _fail("expired", "The client assertion has expired")
+        raise _fail("expired", "The client assertion has expired", client_id=client_id)
     if exp > t + settings.client_assertion_max_age_seconds + skew:
-        raise _fail("exp_too_far", "The client assertion lifetime is too long")
+        raise _fail("exp_too_far", "The client assertion lifetime is too long", client_id=client_id)
     for name in ("iat", "nbf"):
         if name in claims:
             value = _jose.numeric_date(claims[name])
             if value is None:
-                raise _fail(f"bad_{name}", f"The client assertion {name} is not a NumericDate")
+                raise _fail(f"bad_{name}", f"The client assertion {name} is not a NumericDate", client_id=client_id)
             if value > t + skew:
-                raise _fail(f"future_{name}", "The client assertion is not yet valid")
+                raise _fail(f"future_{name}", "The client assertion is not yet valid", client_id=client_id)
     return exp
 
 
@@ -115,7 +118,7 @@ def _consume(session: Session, client_id: str, jti: str, exp: float) -> None:
         session.commit()
     except IntegrityError:
         session.rollback()
-        raise _fail("replayed", "The client assertion has already been used") from None
+        raise _fail("replayed", "The client assertion has already been used", client_id=client_id) from None
 
 
 def purge_used_assertions(session: Session, *, settings: Settings, now: datetime) -> int:

@@ -65,12 +65,17 @@ class AuthError(Exception):
         "invalid_scope": 400,
     }
 
-    def __init__(self, error: str = "invalid_token", description: str = _INVALID) -> None:
+    def __init__(self, error: str = "invalid_token", description: str = _INVALID, *, reason: str | None = None,
+                 client_id: str | None = None) -> None:
         if error not in self.STATUS:
             raise ValueError(f"unknown OAuth error code {error!r}")
         super().__init__(f"{error}: {description}")
         self.error = error
         self.description = description
+        self.reason = reason
+        """A fixed code naming the check that failed: for the audit record, never for the caller."""
+        self.client_id = client_id
+        """Set once a client assertion's signature has verified with that client's key."""
 
     @property
     def status_code(self) -> int:

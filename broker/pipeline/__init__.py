@@ -43,6 +43,7 @@ from broker.pipeline import record_view
 from broker.pipeline.exchange import Exchange
 from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
+from broker.ratelimit import RateLimits
 from broker.registry import service as registry
 from connectors.base import SourceQuery, SourceTimeout
 
@@ -63,12 +64,18 @@ class Pipeline:
 
     def __init__(self, runtime: "Runtime") -> None:
         self.rt = runtime
+        self.limits = RateLimits.from_settings(runtime.settings)
 
     # ---- the frame every audited request runs in -------------------------------------
 
     async def run(self, request: Request, *, action: str, route: str,
-                  handler: Callable[[Exchange], Awaitable[Response]], mdt_id: str | None = None) -> Response:
-        """Authenticate, run ``handler``, audit the outcome, and only then return the response."""
+                  handler: Callable[[Exchange], Awaitable[Response]], mdt_id: str | None = None,
+                  authenticate: bool = True) -> Response:
+        """Authenticate, count against the client's quota, run ``handler``, audit, then respond.
+
+        ``authenticate=False`` only for ``POST /oauth/token``, whose handler authenticates the
+        client itself (RFC 7523) and fills in ``ex.principal``; its answers are audited the same way.
+        """
         ex = Exchange.start(action=action, method=request.method, route=route)
         ex.mdt_id = mdt_id
         ex.policy_version = self.rt.policy.version
@@ -76,7 +83,9 @@ class Pipeline:
         with stage_span("request", action=action, route=route) as span:
             ex.trace_id = _trace_id(span)
             try:
-                ex.principal = await self._authenticate(request)
+                if authenticate:
+                    ex.principal = await self._authenticate(request)
+                    self.limits.admit_client(ex.principal.client_id)
                 response = await handler(ex)
             except BrokerError as err:
                 ex.error = type(err).__name__

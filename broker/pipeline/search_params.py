@@ -20,6 +20,7 @@ TOKEN_VALUE = re.compile(r"^([A-Za-z0-9:/.\-_#%]{0,200}\|)?[A-Za-z0-9.\-_]{1,64}
 SORT_VALUES = frozenset({"date", "-date", "_lastUpdated", "-_lastUpdated"})
 MAX_PARAMS = 20
 MAX_VALUES_PER_PARAM = 20
+_DIGITS = re.compile(r"[0-9]{1,7}")
 PASSTHROUGH = ("_lastUpdated", "date", "code", "_id", "status", "category", "_sort")
 
 
@@ -46,7 +47,9 @@ def parse_search(items: list[tuple[str, str]], *, max_count: int) -> SearchReque
             seen.add(name)
             number = _int(name, value)
             if name == "_count":
-                count = min(number, max_count)
+                if number < 1:  # a page of 0 would link "next" to itself forever; totals are never given
+                    raise BadRequest("search parameter _count must be at least 1")
+                count = min(number, max_count)  # FHIR lets a server return fewer than asked for
             else:
                 offset = number
             continue
@@ -77,7 +80,7 @@ def _valid(name: str, value: str) -> bool:
 
 
 def _int(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 7:
+    if not _DIGITS.fullmatch(value):  # ASCII only: str.isdigit() also accepts "²", which int() refuses
         raise BadRequest(f"search parameter {name} must be a non-negative integer")
     return int(value)
 

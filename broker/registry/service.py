@@ -129,9 +129,13 @@ def create_mdt(session: Session, *, principal: Principal, body: schemas.MdtIn, n
         raise Forbidden("only the lead agency may open its team")
     if session.get(Agency, body.lead_agency) is None:
         raise BadRequest("unknown lead agency")
-    if session.get(Youth, body.youth_id) is None:
-        raise NotFound("no such youth")
+    youth = session.get(Youth, body.youth_id)
     open_mdt = session.scalars(select(Mdt).where(Mdt.youth_id == body.youth_id, Mdt.closed_at.is_(None))).first()
+    # No such youth, and a youth whose open team the requester may not manage, get the one 403:
+    # opening a team must not tell anyone that a youth is registered or already on a team.
+    if youth is None or (open_mdt is not None and principal.role != ADMIN_ROLE
+                         and principal.agency != open_mdt.lead_agency_id):
+        raise Forbidden(NO_ACCESS)
     if open_mdt is not None:
         raise Conflict("the youth already has an open team")
     mdt = Mdt(id=_new_id("mdt"), youth_id=body.youth_id, lead_agency_id=body.lead_agency, opened_at=now,

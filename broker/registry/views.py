@@ -164,7 +164,7 @@ async def add_member(request: Request, mdt_id: Id, pipeline: PipelineDep, runtim
                                             s, principal=p, mdt_id=mdt_id, body=body, now=now, team_roles=roles))
 
 
-@router.delete("/mdts/{mdt_id}/members/{membership_id}", response_model=schemas.MembershipOut, responses=ERRORS)
+@router.delete("/mdts/{mdt_id}/members/{membership_id}", response_model=schemas.MembershipOut, responses=WITH_404)
 async def end_member(request: Request, mdt_id: Id, membership_id: Id, pipeline: PipelineDep) -> Response:
     """End a membership now; access stops from this instant and the row is kept."""
     return await pipeline.registry_call(request, action="membership.end", route="/mdts/{id}/members/{mid}",

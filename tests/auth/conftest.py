@@ -23,7 +23,9 @@ from joserfc import jwt
 from broker.api.oauth import router
 from broker.auth.client_assertion import CLIENT_ASSERTION_TYPE
 from broker.auth.keys import BrokerKey, generate_private_key_pem, load_signing_key
+from broker.audit.sink import SqlAuditSink
 from broker.auth.tokens import AuthError, TokenIssuer, TokenVerifier
+from broker.pipeline import Pipeline
 from broker.settings import Settings
 from broker.store.db import make_engine, make_sessionmaker, upgrade
 from broker.store.models import Agency, OAuthClient, Staff
@@ -209,7 +211,9 @@ def build_world(tmp: Path, database_url: str, jwks_url: str) -> World:
     app = FastAPI()
     app.include_router(router)
     app.state.runtime = SimpleNamespace(settings=settings, sessions=sessions, issuer=issuer,
-                                        signing_key=broker_key, verifier=verifier)
+                                        signing_key=broker_key, verifier=verifier,
+                                        audit=SqlAuditSink(sessions), policy=SimpleNamespace(version="auth-tests"))
+    app.state.pipeline = Pipeline(app.state.runtime)  # the token endpoint audits through it
 
     @app.get("/whoami")
     async def whoami(request: Request) -> JSONResponse:
