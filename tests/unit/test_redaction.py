@@ -132,3 +132,17 @@ def test_filter_redacts_copies_and_labels_kept_elements():
                            allowed=CW | {"reporter-identity"}, known=KNOWN)
     released, categories = out.released[0]
     assert released["sender"]["display"] == REPORTER and categories == CW | {"reporter-identity"}
+
+
+def test_unlabelled_items_are_copied_and_not_walked(monkeypatch):
+    import broker.pipeline.filtering as filtering
+
+    walked = []
+    monkeypatch.setattr(filtering, "redact_labelled_elements",
+                        lambda r, a, k: walked.append(r["id"]) or redact_labelled_elements(r, a, k))
+    plain = {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"}}
+    items = [(plain, "p1", frozenset({"child-welfare-case"})), (referral(), "p1", frozenset({"child-welfare-case"}))]
+    out = filter_resources(items, classify=lambda r, d: d, allowed=CW, known=KNOWN)
+    assert walked == ["ref-1"]  # only the labelled item was walked, and it was redacted
+    assert out.released[0][0] == plain and out.released[0][0] is not plain
+    assert "sender" not in out.released[1][0]
