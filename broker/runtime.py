@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import entry_points
@@ -50,10 +51,15 @@ class Runtime:
     gate: SourceGate = field(default_factory=SourceGate)
     """Timeouts and circuit breakers around every connector call."""
 
-    @property
+    @functools.cached_property
     def categories(self) -> tuple[str, ...]:
-        """Every category the vocabulary defines, in a stable order."""
+        """Every category the vocabulary defines, in a stable order (the vocabulary needs a restart to change)."""
         return tuple(sorted(self.vocabulary.categories))
+
+    @functools.cached_property
+    def category_set(self) -> frozenset[str]:
+        """The same, for membership tests on the request path."""
+        return frozenset(self.categories)
 
     @property
     def resource_types(self) -> frozenset[str]:

@@ -9,8 +9,9 @@ never data — and every request is audited, durably, before its response is ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from broker.errors import (
     outcome_response,
 )
 from broker.observability import stage_span
-from broker.pipeline import record_view
+from broker.pipeline import record_view, sources
 from broker.pipeline.exchange import Exchange
 from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
@@ -202,7 +203,7 @@ class Pipeline:
         """Classify, drop and redact; then spend single-use consents for what is left."""
         with stage_span("filter"):
             outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed,
-                                       known=frozenset(self.rt.categories))
+                                       known=self.rt.category_set)
             outcome = await self._spend_limited_consents(ex, decisions, grounds, outcome)
         ex.withheld_categories.update(outcome.withheld_categories)
         ex.redactions.extend(outcome.redactions)
@@ -255,53 +256,19 @@ class Pipeline:
         source: one that was not asked (no link to the youth, or nothing it holds could be
         released) is ``ok`` like one that answered, so the map says nothing about policy or links.
         """
-        links = {}
-        for link in ctx.links:
-            connector = self.rt.connectors.get(link.source)
-            if connector is not None and link.system == connector.identifier_system:
-                links.setdefault(link.source, link.value)
-        statuses = {name: record_view.OK for name in sorted(self.rt.connectors)}
+        links: dict[str, tuple[Any, str]] = {}
+        for connector, patient_id in self._linked(ctx):
+            links.setdefault(connector.name, (connector, patient_id))
+        statuses = {name: sources.OK for name in sorted(self.rt.connectors)}
         jobs = []
-        for name, patient_id in sorted(links.items()):
-            connector = self.rt.connectors[name]
+        for name, (connector, patient_id) in sorted(links.items()):
             if not connector.default_categories <= allowed:
                 ex.sources.append({"source": name, "status": "not-asked"})
                 continue
             types = sorted(connector.resource_types or self.rt.resource_types)
-            jobs.append((connector, patient_id, types))
-
-        async def one(connector: Any, patient_id: str, types: list[str]) -> tuple[str, list[dict]]:
-            timeout = self.rt.source_timeouts.get(connector.name, 5.0)
-
-            async def every_type() -> list[dict]:
-                try:
-                    async with asyncio.TaskGroup() as tg:  # one type failing fails (and cancels) the source
-                        tasks = [tg.create_task(connector.search(SourceQuery(resource_type=t, patient_id=patient_id),
-                                                                 timeout=timeout)) for t in types]
-                except ExceptionGroup as group:  # the source's status comes from its first failure
-                    timeouts = group.subgroup((SourceTimeout, TimeoutError))
-                    raise (timeouts or group).exceptions[0] from None
-                found: list[dict] = []
-                for task in tasks:
-                    items = task.result()
-                    if not isinstance(items, list):
-                        raise TypeError("connector returned something other than a list")
-                    found.extend(items)
-                return found
-
-            with stage_span("fetch", source=connector.name) as span:
-                status, items = await self.rt.gate.call(connector.name, every_type, timeout=timeout,
-                                                        request_id=ex.request_id)
-                if status != record_view.OK:
-                    _set_status(span, status)
-                return status, items or []
-
-        results = await asyncio.gather(*(one(c, pid, types) for c, pid, types in jobs))
-        items: list[tuple[dict, str, frozenset[str]]] = []
-        for (connector, patient_id, _types), (status, found) in zip(jobs, results):
-            statuses[connector.name] = status
-            ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
-            items.extend((r, patient_id, connector.default_categories) for r in found)
+            jobs.append((connector, patient_id, functools.partial(_every_type, connector, patient_id, types)))
+        items, asked = await self._ask(ex, jobs)
+        statuses.update(asked)
         return items, statuses
 
     async def _context(self, ex: Exchange) -> tuple[RequestContext, Grounds]:
@@ -416,35 +383,50 @@ class Pipeline:
                      allowed: frozenset[str]) -> list[tuple[dict, str, frozenset[str]]]:
         """Ask, in parallel, only the sources whose every item could be released."""
         jobs = []
-        for link in ctx.links:
-            connector = self.rt.connectors.get(link.source)
-            if connector is None or link.system != connector.identifier_system:
-                continue
+        for connector, patient_id in self._linked(ctx):
             if connector.resource_types and resource_type not in connector.resource_types:
                 continue
             if not connector.default_categories <= allowed:
                 continue
-            query = SourceQuery(resource_type=resource_type, patient_id=link.value, params=search.params)
-            jobs.append((connector, link.value, query))
+            query = SourceQuery(resource_type=resource_type, patient_id=patient_id, params=search.params)
+            jobs.append((connector, patient_id, functools.partial(connector.search, query)))
+        items, _statuses = await self._ask(ex, jobs)
+        return items
 
-        async def one(connector: Any, patient_id: str, query: SourceQuery) -> tuple[str, list[dict]]:
+    def _linked(self, ctx: RequestContext) -> Iterator[tuple[Any, str]]:
+        """(connector, the source's id for the youth) for each link to a configured source."""
+        for link in ctx.links:
+            connector = self.rt.connectors.get(link.source)
+            if connector is not None and link.system == connector.identifier_system:
+                yield connector, link.value
+
+    async def _ask(self, ex: Exchange, jobs: list[tuple[Any, str, Callable[..., Awaitable[Any]]]],
+                   ) -> tuple[list[tuple[dict, str, frozenset[str]]], dict[str, str]]:
+        """Run each ``fetch(timeout=...)`` in parallel behind the source's timeout and breaker.
+
+        Returns the items with their source's patient id and default categories, and each
+        asked source's status; both are also what the audit event records in ``sources``.
+        """
+
+        async def one(connector: Any, fetch: Callable[..., Awaitable[Any]]) -> tuple[str, list[dict]]:
             timeout = self.rt.source_timeouts.get(connector.name, 5.0)
             with stage_span("fetch", source=connector.name) as span:
-                status, items = await self.rt.gate.call(
-                    connector.name, lambda: connector.search(query, timeout=timeout), timeout=timeout,
-                    request_id=ex.request_id)
-                if status == "ok" and not isinstance(items, list):
-                    status, items = "unavailable", []
-                if status != "ok":
+                status, found = await self.rt.gate.call(connector.name, functools.partial(fetch, timeout=timeout),
+                                                        timeout=timeout, request_id=ex.request_id)
+                if status == sources.OK and not isinstance(found, list):
+                    status, found = sources.UNAVAILABLE, []
+                if status != sources.OK:
                     _set_status(span, status)
-                return status, items or []
+                return status, found or []
 
-        results = await asyncio.gather(*(one(c, pid, q) for c, pid, q in jobs))
+        results = await asyncio.gather(*(one(c, fetch) for c, _pid, fetch in jobs))
         items: list[tuple[dict, str, frozenset[str]]] = []
-        for (connector, patient_id, _q), (status, found) in zip(jobs, results):
+        statuses: dict[str, str] = {}
+        for (connector, patient_id, _fetch), (status, found) in zip(jobs, results):
+            statuses[connector.name] = status
             ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
             items.extend((r, patient_id, connector.default_categories) for r in found)
-        return items
+        return items, statuses
 
     def _bundle(self, request: Request, ex: Exchange, resource_type: str, search: SearchRequest,
                 page: list[dict], categories: set[str], *, has_more: bool) -> dict:
@@ -467,7 +449,7 @@ class Pipeline:
         entries = [{"fullUrl": f"{base}/{r.get('resourceType')}/{r.get('id')}", "resource": r,
                     "search": {"mode": "match"}} for r in page]
         for s in ex.sources:
-            if s["status"] != "ok":
+            if s["status"] != sources.OK:
                 entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [{
                     "severity": "warning", "code": "transient" if s["status"] == "unavailable" else "timeout",
                     "diagnostics": f"source {s['source']} {'did not answer in time' if s['status'] == 'timeout' else 'is unavailable'}"}]},
@@ -565,3 +547,21 @@ def _set_status(span: Any, status: str) -> None:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def _every_type(connector: Any, patient_id: str, types: list[str], *, timeout: float) -> list[dict]:
+    """Every listed resource type from one source; one type failing fails (and cancels) the source."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(connector.search(SourceQuery(resource_type=t, patient_id=patient_id),
+                                                     timeout=timeout)) for t in types]
+    except ExceptionGroup as group:  # the source's status comes from its first failure
+        timeouts = group.subgroup((SourceTimeout, TimeoutError))
+        raise (timeouts or group).exceptions[0] from None
+    found: list[dict] = []
+    for task in tasks:
+        items = task.result()
+        if not isinstance(items, list):
+            raise TypeError("connector returned something other than a list")
+        found.extend(items)
+    return found

@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-OK, UNAVAILABLE, TIMEOUT = "ok", "unavailable", "timeout"
+from broker.pipeline.sources import OK, TIMEOUT, UNAVAILABLE
+
 GROUP_URL = "https://mdt-broker.example.org/StructureDefinition/record-category"
 SOURCE_STATUS_SYSTEM = "https://mdt-broker.example.org/CodeSystem/source-status"
 GROUP_PRECEDENCE = (

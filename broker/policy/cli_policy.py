@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from broker.policy.cli_lint import POLICY_DIR_ENV, default_policy_dir
 from broker.policy.errors import PolicyError
 
-POLICY_DIR_ENV = "BROKER_POLICY_DIR"
 CASE_DIR_NAME = "tests"
-
-
-def default_policy_dir() -> Path:
-    """The directory the broker itself would load: BROKER_POLICY_DIR, else the repository's policies/."""
-    configured = os.environ.get(POLICY_DIR_ENV)
-    if configured:
-        return Path(configured)
-    from broker.settings import REPO_POLICY_DIR
-
-    return REPO_POLICY_DIR
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

@@ -94,15 +94,18 @@ def test_fast_encoder_matches_the_standard_library_for_every_code_point():
         assert canonical_json(value) == _stdlib(value)
 
 
-@pytest.mark.parametrize("value", [
-    {"f": 1e-07, "g": 1e16, "h": 0.1, "i": -0.0},  # exponents orjson writes as 1e-7 / 1e16
-    {"big": 2**64, "neg": -(2**63) - 1, "edge": 2**64 - 1, "low": -(2**63)},
-    {"s": {0.5, 2, "x"}, "n": [1.25, {"d": 3}]},
-    {"mixed": ["\u2028", "\x7f", "\x00", "\U0001f600"]},
+@pytest.mark.parametrize(("value", "expected"), [
+    # exponents orjson would write as 1e-7 / 1e16: the standard library's form is kept
+    ({"f": 1e-07, "g": 1e16, "h": 0.1, "i": -0.0}, b'{"f":1e-07,"g":1e+16,"h":0.1,"i":-0.0}'),
+    ({"big": 2**64, "neg": -(2**63) - 1, "edge": 2**64 - 1, "low": -(2**63)},
+     b'{"big":18446744073709551616,"edge":18446744073709551615,"low":-9223372036854775808,'
+     b'"neg":-9223372036854775809}'),
+    ({"s": {0.5, 2, "x"}, "n": [1.25, {"d": 3}]}, b'{"n":[1.25,{"d":3}],"s":["x",0.5,2]}'),
+    ({"mixed": ["\u2028", "\x7f", "\x00", "\U0001f600"]},
+     b'{"mixed":["\xe2\x80\xa8","\x7f","\\u0000","\xf0\x9f\x98\x80"]}'),
 ])
-def test_canonical_json_equals_the_standard_library_rendering(value):
-    from broker.audit.canonical import reduce
-    assert canonical_json(value) == _stdlib(reduce(value)[0])
+def test_canonical_json_equals_the_standard_library_rendering(value, expected):
+    assert canonical_json(value) == expected
 
 
 def test_canonical_json_of_a_pipeline_event_is_unchanged():
