@@ -6,6 +6,8 @@ Contract for implementers:
 - They must finish within ``timeout`` seconds or raise ``SourceTimeout``.
 - Any transport, HTTP or parse failure raises ``SourceUnavailable``; the message must
   not contain record content (it is logged).
+- ``SourceQuery.limit`` lets a search stop once the first matches are in hand (a page of
+  the broker's answer rarely needs a youth's whole history); see its docstring.
 - They never filter by policy: the broker asks only for categories it may release
   and filters every returned item again. They return plain FHIR R4 JSON dicts which
   the broker deep-copies before it changes anything.
@@ -41,6 +43,13 @@ class SourceQuery:
     resource_type: str
     patient_id: str
     params: tuple[tuple[str, str], ...] = ()
+    limit: int | None = None
+    """The caller needs only the first ``limit`` matches, in the source's order (None: all).
+
+    A connector may stop early: with more than ``limit`` matches it returns at least the first
+    ``limit`` of them (more is allowed); with ``limit`` or fewer it returns them all. So fewer
+    than ``limit`` items means there are no more. Connectors that ignore it stay correct.
+    """
 
 
 @runtime_checkable
@@ -60,7 +69,7 @@ class Connector(Protocol):
     """FHIR resource types this source can answer."""
 
     async def search(self, query: SourceQuery, *, timeout: float) -> list[dict]:
-        """Return every matching resource (following paging) or raise a SourceError."""
+        """Return every matching resource (following paging; see ``query.limit``) or raise a SourceError."""
         ...
 
     async def read(self, resource_type: str, resource_id: str, *, timeout: float) -> dict | None:

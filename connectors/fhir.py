@@ -29,6 +29,9 @@ DEFAULT_RESOURCE_TYPES = frozenset(
     {"Patient", "Observation", "Condition", "DocumentReference", "MedicationRequest", "Immunization", "Encounter"}
 )
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+# The page size asked of the source when the broker needs only the first matches (query.limit);
+# a server may answer with smaller pages, and the connector then follows ``next``.
+MAX_PAGE_SIZE = 1000
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ACCEPT = {"Accept": "application/fhir+json"}
@@ -114,11 +117,13 @@ class FhirConnector:
             params.append(("_id", query.patient_id))
         else:
             params.append(("patient", f"Patient/{query.patient_id}"))
+        if query.limit is not None and not any(name == "_count" for name, _ in params):
+            params.append(("_count", str(min(max(query.limit, 1), MAX_PAGE_SIZE))))
         url: URL | None = URL(f"{self.base_url}/{query.resource_type}").with_query(params)
         found: list[dict] = []
         seen: set[URL] = set()
         pages = 0
-        while url is not None:
+        while url is not None and (query.limit is None or len(found) < query.limit):
             if pages >= self.max_pages:
                 raise SourceUnavailable(f"source {self.name}: more than {self.max_pages} pages")
             seen.add(url)

@@ -58,11 +58,12 @@ class CompiledSearch:
         """True if the resource passes every parameter."""
         return all(f(resource) for f in self.filters)
 
-    def apply(self, resources: Iterable[dict]) -> list[dict]:
-        """The matching resources, in the given order, at most ``count`` of them."""
+    def apply(self, resources: Iterable[dict], limit: int | None = None) -> list[dict]:
+        """The matching resources, in the given order, at most ``count`` (and ``limit``) of them."""
+        cap = min((c for c in (self.count, limit) if c is not None), default=None)
         out: list[dict] = []
         for resource in resources:
-            if self.count is not None and len(out) >= self.count:
+            if cap is not None and len(out) >= cap:
                 break
             if self.matches(resource):
                 out.append(resource)

@@ -45,6 +45,27 @@ class _Cancelled(Exception):
     """The caller gave up before the statement started."""
 
 
+STREAM_ROWS = 500  # rows fetched at a time while a search streams (a server-side cursor on PostgreSQL)
+
+
+class _Keep:
+    """A search's row filter: the patient check, the parameters, and how many it needs."""
+
+    __slots__ = ("matches", "patient", "cap")
+
+    def __init__(self, matches: Any, patient: str, cap: int | None) -> None:
+        self.matches, self.patient, self.cap = matches, patient, cap
+
+    def add(self, source: str, resource: dict, out: list[dict]) -> None:
+        if not belongs_to_patient(resource, self.patient):
+            raise SourceUnavailable(f"source {source}: a mapped row belongs to another patient")
+        if self.matches(resource):
+            out.append(resource)
+
+    def full(self, out: list[dict]) -> bool:
+        return self.cap is not None and len(out) >= self.cap
+
+
 class _Call:
     """One database call, so that the waiting coroutine can interrupt it from outside its thread."""
 
@@ -140,11 +161,8 @@ class SqlConnector:
             raise SourceUnavailable(f"source {self.name}: invalid patient id")
         records = self.mapping.for_type(query.resource_type)
         jobs = [(rec, rec.search_statement(), {"patient": patient}) for rec in records]
-        resources = await self._run(jobs, timeout, "search")
-        for resource in resources:
-            if not belongs_to_patient(resource, patient):
-                raise SourceUnavailable(f"source {self.name}: a mapped row belongs to another patient")
-        return search.apply(resources)
+        cap = min((c for c in (search.count, query.limit) if c is not None), default=None)
+        return await self._run(jobs, timeout, "search", _Keep(search.matches, patient, cap))
 
     async def read(self, resource_type: str, resource_id: str, *, timeout: float) -> dict | None:
         """One resource by id; None if no record makes that id."""
@@ -169,10 +187,11 @@ class SqlConnector:
             executor.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
-    async def _run(self, jobs: list[tuple[Record, Any, dict]], timeout: float, what: str) -> list[dict]:
+    async def _run(self, jobs: list[tuple[Record, Any, dict]], timeout: float, what: str,
+                   keep: "_Keep | None" = None) -> list[dict]:
         call = _Call()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._get_executor(), self._execute, jobs, call, timeout)
+        future = loop.run_in_executor(self._get_executor(), self._execute, jobs, call, timeout, keep)
         try:
             async with asyncio.timeout(timeout):
                 return await future
@@ -180,8 +199,13 @@ class SqlConnector:
             threading.Thread(target=call.abandon, name=f"sql-cancel-{self.name}", daemon=True).start()
             raise SourceTimeout(f"source {self.name}: {what} timed out after {timeout:g} s") from None
 
-    def _execute(self, jobs: list[tuple[Record, Any, dict]], call: _Call, timeout: float) -> list[dict]:
-        """On a worker thread: run each statement on one connection, render each row."""
+    def _execute(self, jobs: list[tuple[Record, Any, dict]], call: _Call, timeout: float,
+                 keep: "_Keep | None" = None) -> list[dict]:
+        """On a worker thread: run each statement on one connection, render each row.
+
+        With ``keep`` (a search), rows stream from the database, each is checked to belong to the
+        patient and matched as it is rendered, and reading stops once ``keep.cap`` matched.
+        """
         current: Record | None = None
         try:
             with self.engine.connect() as conn:
@@ -192,13 +216,25 @@ class SqlConnector:
                         conn.execute(_PG_TIMEOUT, {"ms": str(ms)})
                     out: list[dict] = []
                     for current, stmt, params in jobs:
-                        for row in conn.execute(stmt, params).mappings():
-                            out.append(current.render(row))
+                        if keep is None:
+                            out.extend(current.render(row) for row in conn.execute(stmt, params).mappings())
+                            continue
+                        if keep.full(out):
+                            break
+                        options = {} if keep.cap is None else {"stream_results": True, "yield_per": STREAM_ROWS}
+                        result = conn.execute(stmt, params, execution_options=options)
+                        with result:
+                            for row in result.mappings():
+                                keep.add(self.name, current.render(row), out)
+                                if keep.full(out):
+                                    break
                     return out
                 finally:
                     call.detach()
         except _Cancelled:
             raise SourceTimeout(f"source {self.name}: abandoned") from None
+        except SourceUnavailable:
+            raise
         except MappingError as exc:
             raise SourceUnavailable(f"source {self.name}: mapping {self.mapping.path.name}: {exc}") from None
         except SQLAlchemyError as exc:

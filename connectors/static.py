@@ -68,7 +68,7 @@ class StaticFhirConnector:
         search = compile_search(self.name, query.params)
         mine = (r for r in self._by_type.get(query.resource_type, {}).values()
                 if belongs_to_patient(r, query.patient_id))
-        return [copy.deepcopy(r) for r in search.apply(mine)]
+        return [copy.deepcopy(r) for r in search.apply(mine, query.limit)]
 
     async def read(self, resource_type: str, resource_id: str, *, timeout: float) -> dict | None:
         """One resource by id, None if there is none."""

@@ -191,20 +191,24 @@ class Pipeline:
         ctx, grounds = await self._context(ex)
         decisions = self._decide(ex, ctx, grounds)
         allowed = decisions.allowed_categories()
-        results = await self._fetch(ex, ctx, search, resource_type, allowed)
-        outcome = await self._filter(ex, decisions, grounds, results, allowed)
-        window = outcome.released[search.offset: search.offset + search.count]
-        page, page_categories = self._label(ex, window)
-        return self._bundle(request, ex, resource_type, search, page, page_categories,
-                            has_more=len(outcome.released) > search.offset + search.count)
+        stop = search.offset + search.count
+        outcome = await self._fetch_page(ex, ctx, search, resource_type, allowed, need=stop + 1)
+        has_more = len(outcome.released) > stop
+        outcome.window(search.offset, stop)
+        outcome = await self._release(ex, decisions, grounds, outcome)
+        page, page_categories = self._label(ex, outcome.released)
+        return self._bundle(request, ex, resource_type, search, page, page_categories, has_more=has_more)
 
-    async def _filter(self, ex: Exchange, decisions: DecisionSet, grounds: Grounds,
-                      results: list[tuple[dict, str, frozenset[str]]], allowed: frozenset[str]) -> FilterOutcome:
-        """Classify, drop and redact; then spend single-use consents for what is left."""
+    def _classify(self, items: Any, allowed: frozenset[str]) -> FilterOutcome:
+        """Classify, drop and redact (on copies)."""
         with stage_span("filter"):
-            outcome = filter_resources(results, classify=self.rt.classifier.classify, allowed=allowed,
-                                       known=self.rt.category_set)
-            outcome = await self._spend_limited_consents(ex, decisions, grounds, outcome)
+            return filter_resources(items, classify=self.rt.classifier.classify, allowed=allowed,
+                                    known=self.rt.category_set)
+
+    async def _release(self, ex: Exchange, decisions: DecisionSet, grounds: Grounds,
+                       outcome: FilterOutcome) -> FilterOutcome:
+        """Spend single-use consents for what is about to be released; the audit notes what was held back."""
+        outcome = await self._spend_limited_consents(ex, decisions, grounds, outcome)
         ex.withheld_categories.update(outcome.withheld_categories)
         ex.redactions.extend(outcome.redactions)
         if outcome.foreign_dropped:
@@ -236,7 +240,7 @@ class Pipeline:
             decisions = self._decide(ex, ctx, grounds)
             allowed = decisions.allowed_categories()
             results, statuses = await self._fetch_record(ex, ctx, allowed)
-            outcome = await self._filter(ex, decisions, grounds, results, allowed)
+            outcome = await self._release(ex, decisions, grounds, self._classify(results, allowed))
             grouped = record_view.group(outcome.released, self.rt.vocabulary.categories)
             _page, categories = self._label(ex, grouped)
             bundle = record_view.bundle(
@@ -267,8 +271,10 @@ class Pipeline:
                 continue
             types = sorted(connector.resource_types or self.rt.resource_types)
             jobs.append((connector, patient_id, functools.partial(_every_type, connector, patient_id, types)))
-        items, asked = await self._ask(ex, jobs)
-        statuses.update(asked)
+        items: list[tuple[dict, str, frozenset[str]]] = []
+        for (connector, patient_id, _fetch), (status, found) in zip(jobs, await self._ask(ex, jobs)):
+            statuses[connector.name] = status
+            items.extend((r, patient_id, connector.default_categories) for r in found)
         return items, statuses
 
     async def _context(self, ex: Exchange) -> tuple[RequestContext, Grounds]:
@@ -358,9 +364,11 @@ class Pipeline:
                 ex.detail.setdefault("disclosures_spent", []).append(used)
         if not lost:
             return outcome
-        kept = [(r, cats) for r, cats in outcome.released if not (cats & lost)]
+        keep = [not (cats & lost) for _r, cats in outcome.released]
         outcome.withheld_categories.update(lost)
-        outcome.released = kept
+        outcome.released = [item for item, k in zip(outcome.released, keep) if k]
+        outcome.released_redactions = [paths for paths, k in zip(outcome.released_redactions, keep) if k]
+        outcome.redactions = [p for paths in outcome.released_redactions for p in paths]
         return outcome
 
     def _cite_documents(self, resource: dict, categories: frozenset[str], ex: Exchange) -> None:
@@ -379,19 +387,45 @@ class Pipeline:
             meta.setdefault("extension", []).extend(
                 {"url": RELEASED_UNDER_URL, "valueReference": {"reference": ref}} for ref in dict.fromkeys(refs))
 
-    async def _fetch(self, ex: Exchange, ctx: RequestContext, search: SearchRequest, resource_type: str,
-                     allowed: frozenset[str]) -> list[tuple[dict, str, frozenset[str]]]:
-        """Ask, in parallel, only the sources whose every item could be released."""
-        jobs = []
-        for connector, patient_id in self._linked(ctx):
-            if connector.resource_types and resource_type not in connector.resource_types:
-                continue
-            if not connector.default_categories <= allowed:
-                continue
-            query = SourceQuery(resource_type=resource_type, patient_id=patient_id, params=search.params)
-            jobs.append((connector, patient_id, functools.partial(connector.search, query)))
-        items, _statuses = await self._ask(ex, jobs)
-        return items
+    async def _fetch_page(self, ex: Exchange, ctx: RequestContext, search: SearchRequest, resource_type: str,
+                          allowed: frozenset[str], *, need: int) -> FilterOutcome:
+        """The first ``need`` releasable items (or all there are), asking sources only for what that takes.
+
+        Only sources whose every item could be released are asked, in parallel, each for its
+        first ``need`` matches (``SourceQuery.limit``). Items are merged in link order, so a
+        source that returned all it was asked for (it may hold more) but released fewer than
+        the page still needs after the sources before it is asked again for four times as many,
+        until the page is full or the source has no more. Nothing beyond that is fetched, so a
+        first page costs the same for a youth with ten records or ten thousand.
+        """
+        targets = [(c, pid) for c, pid in self._linked(ctx)
+                   if (not c.resource_types or resource_type in c.resource_types)
+                   and c.default_categories <= allowed]
+        limits = [need] * len(targets)
+        done: list[tuple[FilterOutcome, bool, str, int]] = []
+        ask = list(range(len(targets)))
+        for _round in range(MAX_PAGE_ROUNDS):
+            jobs = [(targets[i][0], targets[i][1], functools.partial(targets[i][0].search, SourceQuery(
+                resource_type=resource_type, patient_id=targets[i][1], params=search.params, limit=limits[i])))
+                for i in ask]
+            answers = await self._ask(ex, jobs, note=False)
+            for i, (status, found) in zip(ask, answers):
+                connector, patient_id = targets[i]
+                out = self._classify(((r, patient_id, connector.default_categories) for r in found), allowed)
+                entry = (out, status != sources.OK or len(found) < limits[i], status, len(found))
+                if i < len(done):
+                    done[i] = entry
+                else:
+                    done.append(entry)
+            ask = _short_source(done, need)
+            if not ask:
+                break
+            limits[ask[0]] *= 4
+        merged = FilterOutcome()
+        for (connector, _pid), (out, _complete, status, fetched) in zip(targets, done):
+            ex.sources.append({"source": connector.name, "status": status, "fetched": fetched})
+            merged.extend(out)
+        return merged
 
     def _linked(self, ctx: RequestContext) -> Iterator[tuple[Any, str]]:
         """(connector, the source's id for the youth) for each link to a configured source."""
@@ -400,12 +434,12 @@ class Pipeline:
             if connector is not None and link.system == connector.identifier_system:
                 yield connector, link.value
 
-    async def _ask(self, ex: Exchange, jobs: list[tuple[Any, str, Callable[..., Awaitable[Any]]]],
-                   ) -> tuple[list[tuple[dict, str, frozenset[str]]], dict[str, str]]:
+    async def _ask(self, ex: Exchange, jobs: list[tuple[Any, str, Callable[..., Awaitable[Any]]]], *,
+                   note: bool = True) -> list[tuple[str, list[dict]]]:
         """Run each ``fetch(timeout=...)`` in parallel behind the source's timeout and breaker.
 
-        Returns the items with their source's patient id and default categories, and each
-        asked source's status; both are also what the audit event records in ``sources``.
+        Returns (status, items) per job; with ``note`` each is also recorded in the audit
+        event's ``sources``.
         """
 
         async def one(connector: Any, fetch: Callable[..., Awaitable[Any]]) -> tuple[str, list[dict]]:
@@ -420,13 +454,10 @@ class Pipeline:
                 return status, found or []
 
         results = await asyncio.gather(*(one(c, fetch) for c, _pid, fetch in jobs))
-        items: list[tuple[dict, str, frozenset[str]]] = []
-        statuses: dict[str, str] = {}
-        for (connector, patient_id, _fetch), (status, found) in zip(jobs, results):
-            statuses[connector.name] = status
-            ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
-            items.extend((r, patient_id, connector.default_categories) for r in found)
-        return items, statuses
+        if note:
+            for (connector, _pid, _fetch), (status, found) in zip(jobs, results):
+                ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
+        return results
 
     def _bundle(self, request: Request, ex: Exchange, resource_type: str, search: SearchRequest,
                 page: list[dict], categories: set[str], *, has_more: bool) -> dict:
@@ -533,6 +564,21 @@ async def parse_json(request: Request) -> dict:
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return data
+
+
+MAX_PAGE_ROUNDS = 12  # a source that keeps returning exactly what it was asked for is taken at its word
+
+
+def _short_source(done: list[tuple[FilterOutcome, bool, str, int]], need: int) -> list[int]:
+    """The first source (index) that may hold more and must, for the page to fill; [] if none must."""
+    remaining = need
+    for i, (out, complete, _status, _fetched) in enumerate(done):
+        if len(out.released) >= remaining:
+            return []
+        if not complete:
+            return [i]
+        remaining -= len(out.released)
+    return []
 
 
 def _trace_id(_span: Any) -> str | None:

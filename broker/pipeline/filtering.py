@@ -28,6 +28,22 @@ class FilterOutcome:
     withheld_categories: set[str] = field(default_factory=set)
     foreign_dropped: int = 0
     redactions: list[str] = field(default_factory=list)
+    released_redactions: list[tuple[str, ...]] = field(default_factory=list)
+    """Per released item (same order as ``released``), the paths removed from it."""
+
+    def extend(self, other: "FilterOutcome") -> None:
+        """Append another batch's outcome (a later source, or more of the same one)."""
+        self.released.extend(other.released)
+        self.released_redactions.extend(other.released_redactions)
+        self.withheld_categories |= other.withheld_categories
+        self.foreign_dropped += other.foreign_dropped
+        self.redactions.extend(other.redactions)
+
+    def window(self, start: int, stop: int) -> None:
+        """Keep only released items [start, stop); ``redactions`` becomes what was removed from those."""
+        self.released = self.released[start:stop]
+        self.released_redactions = self.released_redactions[start:stop]
+        self.redactions = [p for paths in self.released_redactions for p in paths]
 
 
 def filter_resources(
@@ -53,17 +69,20 @@ def filter_resources(
             out.withheld_categories.update(categories - allowed)
             continue
         released, labelled = _copy(resource)
+        paths: list[str] = []
         if labelled:
             redaction = redact_labelled_elements(released, allowed, known)
-            out.redactions.extend(redaction.paths)
+            paths.extend(redaction.paths)
             out.withheld_categories.update(redaction.withheld)
             categories = categories | redaction.kept
         if released.get("resourceType") == "Patient" and "placement-location" not in allowed:
             for element in PATIENT_LOCATION_ELEMENTS:
                 if element in released:
                     del released[element]
-                    out.redactions.append(f"Patient.{element}")
+                    paths.append(f"Patient.{element}")
+        out.redactions.extend(paths)
         out.released.append((released, categories))
+        out.released_redactions.append(tuple(paths))
     return out
 
 

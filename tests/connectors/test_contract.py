@@ -236,6 +236,20 @@ async def test_count_never_drops_or_invents_items(case: Case):
     assert len(found) >= 2 and found == everything[:len(found)]
 
 
+async def test_limit_gives_the_first_matches_or_all_of_them(case: Case):
+    everything = ids(await search(case))
+    for limit in (1, 2, len(everything) - 1, len(everything), len(everything) + 5):
+        found = ids(await case.connector.search(SourceQuery(case.rtype, case.patient, limit=limit), timeout=5))
+        # the first `limit` in the source's order (more is allowed); fewer only when there are no more
+        assert found == everything[:len(found)]
+        assert len(found) >= min(limit, len(everything))
+    # with another parameter, the limit counts matches, not rows read
+    matching = ids(await search(case, params=(("date", f"ge{case.cutoff}"),)))
+    found = ids(await case.connector.search(SourceQuery(case.rtype, case.patient, (("date", f"ge{case.cutoff}"),),
+                                                        limit=1), timeout=5))
+    assert found[:1] == matching[:1] and found == matching[:len(found)]
+
+
 async def test_date_splits_at_the_cutoff(case: Case):
     before = ids(await search(case, params=(("date", f"lt{case.cutoff}"),)))
     after = ids(await search(case, params=(("date", f"ge{case.cutoff}"),)))
