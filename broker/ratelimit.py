@@ -1,7 +1,7 @@
 """Request quotas per client and per remote address, answered with 429 and ``Retry-After``.
 
 Three quotas, each a fixed window that starts at a key's first request (``limits`` in-memory
-storage, O(1) per key):
+storage, O(1) per key, swept of forgotten keys once a second):
 
 * every audited route (data, registry, consent, audit): ``rate_limit_per_minute`` per
   ``client_id``, checked by the pipeline right after the token is verified, so the 429 is
@@ -44,12 +44,35 @@ class Throttled(BrokerError):
         self.retry_after = retry_after
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """``limits``' in-memory storage, with forgotten counters swept on the caller's thread.
+
+    The library sweeps expired keys from a ``threading.Timer`` that it starts again, 10 ms
+    later, whenever the last one has finished: at a steady trickle of requests that is a new
+    thread for nearly every request (measured at 0.1-0.6 ms each under load). A counter's own
+    expiry does not depend on the sweep (``incr`` and ``get`` drop an expired counter first);
+    the sweep only frees the memory of keys nobody uses any more, so once a second is enough.
+    """
+
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_sweep = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # replaces the library's private hook
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_SECONDS
+            self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
+
 class RateLimits:
     """The broker's quotas; ``window_seconds`` is shorter only in tests."""
 
     def __init__(self, *, per_client: int, token_per_client: int, token_per_address: int,
                  window_seconds: int = WINDOW_SECONDS) -> None:
-        self._limiter = FixedWindowRateLimiter(MemoryStorage())
+        self._limiter = FixedWindowRateLimiter(SweptMemoryStorage())
         self._client = RateLimitItemPerSecond(per_client, window_seconds)
         self._token_client = RateLimitItemPerSecond(token_per_client, window_seconds)
         self._token_address = RateLimitItemPerSecond(token_per_address, window_seconds)

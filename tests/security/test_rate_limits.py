@@ -81,6 +81,34 @@ def test_quota_counts_per_key_and_per_quota() -> None:
         limits.admit_token_address("a")
 
 
+def test_counting_starts_no_threads_and_forgotten_keys_are_swept(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time as time_module
+
+    from broker.ratelimit import SweptMemoryStorage
+
+    limits = RateLimits(per_client=5, token_per_client=1, token_per_address=1, window_seconds=1)
+    started: list[object] = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self), real_start(self))[1])
+    for i in range(50):
+        limits.admit_client(f"client-{i}")
+        if i % 10 == 0:
+            time_module.sleep(0.02)  # long enough for the library's 10 ms timer to have finished
+    assert started == []  # the library would start a Timer thread for the first hit and after each sweep
+    storage = limits._limiter.storage
+    assert isinstance(storage, SweptMemoryStorage) and len(storage.storage) == 50
+    # after the window and the sweep interval, the next hit sweeps every forgotten key on this thread
+    later = time_module.time() + 2
+    monkeypatch.setattr("limits.storage.memory.time.time", lambda: later)
+    storage._next_sweep = 0.0
+    limits.admit_client("client-new")
+    assert set(storage.storage) == {k for k in storage.storage if "client-new" in k} and len(storage.storage) == 1
+    with pytest.raises(Throttled):  # and counting still works after a sweep
+        for _ in range(6):
+            limits.admit_client("client-new")
+
+
 async def test_data_route_quota_from_settings_is_429_audited_and_per_client(world) -> None:  # type: ignore[no-untyped-def]
     b, _app = world
     mh, cw = await b.token("mh"), await b.token("cw")
