@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     audit_archive_dir: Path | None = None
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_count: int = Field(default=200, ge=1, le=1000)
+    context_cache_size: int = Field(default=10_000, ge=0, le=1_000_000, description="Resolved contexts and "
+                                    "grounds kept per process while the registry generation and clock allow "
+                                    "(broker/pipeline/context_cache.py); 0 resolves every request afresh")
     source_breaker_threshold: int = Field(default=5, ge=1, le=1000, description="Consecutive failures or "
                                           "timeouts of a source after which it is not asked for a while")
     source_breaker_reset_seconds: float = Field(default=30.0, gt=0, le=3600, description="How long a source "

@@ -40,7 +40,7 @@ from broker.errors import (
     outcome_response,
 )
 from broker.observability import stage_span
-from broker.pipeline import record_view, sources
+from broker.pipeline import context_cache, record_view, sources
 from broker.pipeline.exchange import Exchange
 from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
@@ -66,6 +66,7 @@ class Pipeline:
     def __init__(self, runtime: "Runtime") -> None:
         self.rt = runtime
         self.limits = RateLimits.from_settings(runtime.settings)
+        self.contexts = context_cache.ContextCache(runtime.settings.context_cache_size)
 
     # ---- the frame every audited request runs in -------------------------------------
 
@@ -286,20 +287,41 @@ class Pipeline:
         principal, mdt_id, purpose = ex.principal, ex.mdt_id, ex.purpose
         now = datetime.now(timezone.utc)
 
+        key = (principal.sub, principal.agency, principal.role, mdt_id, purpose)
+
+        def resolve(session: Any) -> tuple[RequestContext, Grounds] | None:
+            mdt = registry.load_mdt(session, mdt_id)
+            if mdt is None or not registry.mdt_open(mdt, now):
+                return None
+            membership = registry.active_membership(session, mdt=mdt, principal=principal, now=now)
+            if membership is None and not has_court_order(session, youth_id=mdt.youth_id,
+                                                          principal=principal, now=now):
+                return None
+            ctx = RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
+                                 youth_id=mdt.youth_id, purpose=purpose, now=now, membership=membership,
+                                 links=registry.youth_links(session, youth_id=mdt.youth_id))
+            with stage_span("grounds"):
+                return ctx, self.rt.grounds.resolve(session, ctx)
+
         def load() -> tuple[RequestContext, Grounds] | None:
             with self.rt.sessions() as session:
-                mdt = registry.load_mdt(session, mdt_id)
-                if mdt is None or not registry.mdt_open(mdt, now):
-                    return None
-                membership = registry.active_membership(session, mdt=mdt, principal=principal, now=now)
-                if membership is None and not has_court_order(session, youth_id=mdt.youth_id,
-                                                              principal=principal, now=now):
-                    return None
-                ctx = RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
-                                     youth_id=mdt.youth_id, purpose=purpose, now=now, membership=membership,
-                                     links=registry.youth_links(session, youth_id=mdt.youth_id))
-                with stage_span("grounds"):
-                    return ctx, self.rt.grounds.resolve(session, ctx)
+                generation = context_cache.read_generation(session)  # first: what follows is at least as new
+                kept = self.contexts.get(key, generation, now)
+                if kept is not None:
+                    if kept.value is None:
+                        return None
+                    youth_id, membership, links, grounds = kept.value
+                    return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
+                                          youth_id=youth_id, purpose=purpose, now=now, membership=membership,
+                                          links=links), grounds
+                resolved = resolve(session)
+                youth_id = resolved[0].youth_id if resolved is not None else None
+                until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
+                                                    now=now)
+                value = None if resolved is None else (youth_id, resolved[0].membership, resolved[0].links,
+                                                       resolved[1])
+                self.contexts.put(key, context_cache.Kept(generation=generation, until=until, value=value))
+                return resolved
 
         with stage_span("context"):
             loaded = await to_thread.run_sync(load)

@@ -284,3 +284,19 @@ class AuditArchive(Base):
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("audit_checkpoints.id"))
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(128))
+
+
+class RegistryGeneration(Base):
+    """One row (id 1) whose ``value`` database triggers raise on any change to the registry.
+
+    The triggers (migration 0004) fire on every insert, update and delete, whoever makes it (the
+    broker, another broker process, an administrator at a SQL prompt), in the writing transaction,
+    so the new value becomes visible exactly when the change does. The pipeline keeps each
+    requester's resolved context and grounds only as long as this value stays the same
+    (``broker/pipeline/context_cache.py``).
+    """
+
+    __tablename__ = "registry_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -21,7 +21,6 @@ from broker.settings import SourceConfig
 from broker.store.models import AuditEventRow, YouthIdentifier
 from tests.scenarios.harness import Broker, start_broker
 
-pytestmark = pytest.mark.anyio
 
 SEARCH = "/mdts/mdt-alpha/fhir/Observation"
 BULK_A, BULK_B = 10_000, 12

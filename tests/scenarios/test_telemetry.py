@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from broker.pipeline.context_cache import ContextCache
 from broker.observability import configure_logging, install_tracer_provider
 
 STAGES = {"request", "authenticate", "context", "grounds", "decide", "fetch", "filter", "label", "audit"}
@@ -43,6 +44,7 @@ async def test_no_phi_ids_or_secrets_in_logs_or_spans(broker, telemetry, monkeyp
         raise RuntimeError("Testy Placeholder pt-alpha")
 
     monkeypatch.setattr(broker.runtime.grounds, "resolve", boom)
+    monkeypatch.setattr(ContextCache, "get", lambda *_a: None)  # resolve afresh, so the fault is reached
     assert (await broker.get("/mdts/mdt-alpha/fhir/Observation", token=token, purpose="TREAT")).status_code == 503
 
     logs = stream.getvalue()
