@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -84,15 +84,24 @@ class Record:
     template: Mapping[str, Any]
     select: Select
     source: Path
+    # Built once: a statement object reused keeps SQLAlchemy's memoized cache key, so executing it
+    # again skips rebuilding and re-keying the SELECT (statements are immutable, safe to share).
+    _search: Select = field(init=False, repr=False, compare=False)
+    _read: Select = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key_type = COLUMN_TYPES[self.columns[self.key_column]]()
+        object.__setattr__(self, "_search", self.select.where(
+            self._col(self.patient_column) == bindparam("patient", type_=String())))
+        object.__setattr__(self, "_read", self.select.where(self._col(self.key_column) == bindparam("key", type_=key_type)))
 
     def search_statement(self) -> Select:
         """Rows of one youth; the id is bound as ``:patient``."""
-        return self.select.where(self._col(self.patient_column) == bindparam("patient", type_=String()))
+        return self._search
 
     def read_statement(self) -> Select:
         """The row with one key; the key is bound as ``:key``."""
-        key_type = COLUMN_TYPES[self.columns[self.key_column]]()
-        return self.select.where(self._col(self.key_column) == bindparam("key", type_=key_type))
+        return self._read
 
     def key_for(self, resource_id: str) -> object | None:
         """The key value an id stands for, or None if the id cannot come from this record."""

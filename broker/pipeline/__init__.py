@@ -240,8 +240,8 @@ class Pipeline:
             ctx, grounds = await self._context(ex)
             decisions = self._decide(ex, ctx, grounds)
             allowed = decisions.allowed_categories()
-            results, statuses = await self._fetch_record(ex, ctx, allowed)
-            outcome = await self._release(ex, decisions, grounds, self._classify(results, allowed))
+            filtered, statuses = await self._fetch_record(ex, ctx, allowed)
+            outcome = await self._release(ex, decisions, grounds, filtered)
             grouped = record_view.group(outcome.released, self.rt.vocabulary.categories)
             _page, categories = self._label(ex, grouped)
             bundle = record_view.bundle(
@@ -254,8 +254,8 @@ class Pipeline:
                               mdt_id=mdt_id)
 
     async def _fetch_record(self, ex: Exchange, ctx: RequestContext,
-                            allowed: frozenset[str]) -> tuple[list[tuple[dict, str, frozenset[str]]], dict[str, str]]:
-        """Every resource type of every source that could release something, sources in parallel.
+                            allowed: frozenset[str]) -> tuple[FilterOutcome, dict[str, str]]:
+        """Every resource type of every source that could release something, sources in parallel, filtered.
 
         Each source runs under its own timeout and breaker. The status map lists every configured
         source: one that was not asked (no link to the youth, or nothing it holds could be
@@ -272,11 +272,11 @@ class Pipeline:
                 continue
             types = sorted(connector.resource_types or self.rt.resource_types)
             jobs.append((connector, patient_id, functools.partial(_every_type, connector, patient_id, types)))
-        items: list[tuple[dict, str, frozenset[str]]] = []
-        for (connector, patient_id, _fetch), (status, found) in zip(jobs, await self._ask(ex, jobs)):
+        merged = FilterOutcome()
+        for (connector, _pid, _fetch), (status, _fetched, out) in zip(jobs, await self._ask(ex, jobs, allowed=allowed)):
             statuses[connector.name] = status
-            items.extend((r, patient_id, connector.default_categories) for r in found)
-        return items, statuses
+            merged.extend(out)
+        return merged, statuses
 
     async def _context(self, ex: Exchange) -> tuple[RequestContext, Grounds]:
         """Resolve youth, MDT, membership and grounds in one snapshot; anything amiss is the one 403.
@@ -430,11 +430,9 @@ class Pipeline:
             jobs = [(targets[i][0], targets[i][1], functools.partial(targets[i][0].search, SourceQuery(
                 resource_type=resource_type, patient_id=targets[i][1], params=search.params, limit=limits[i])))
                 for i in ask]
-            answers = await self._ask(ex, jobs, note=False)
-            for i, (status, found) in zip(ask, answers):
-                connector, patient_id = targets[i]
-                out = self._classify(((r, patient_id, connector.default_categories) for r in found), allowed)
-                entry = (out, status != sources.OK or len(found) < limits[i], status, len(found))
+            answers = await self._ask(ex, jobs, allowed=allowed, note=False)
+            for i, (status, fetched, out) in zip(ask, answers):
+                entry = (out, status != sources.OK or fetched < limits[i], status, fetched)
                 if i < len(done):
                     done[i] = entry
                 else:
@@ -457,14 +455,16 @@ class Pipeline:
                 yield connector, link.value
 
     async def _ask(self, ex: Exchange, jobs: list[tuple[Any, str, Callable[..., Awaitable[Any]]]], *,
-                   note: bool = True) -> list[tuple[str, list[dict]]]:
+                   allowed: frozenset[str], note: bool = True) -> list[tuple[str, int, FilterOutcome]]:
         """Run each ``fetch(timeout=...)`` in parallel behind the source's timeout and breaker.
 
-        Returns (status, items) per job; with ``note`` each is also recorded in the audit
-        event's ``sources``.
+        Each source's items are classified, filtered and redacted as soon as that source has
+        answered, while slower sources are still awaited. Returns (status, items fetched,
+        outcome) per job; with ``note`` each is also recorded in the audit event's ``sources``.
         """
 
-        async def one(connector: Any, fetch: Callable[..., Awaitable[Any]]) -> tuple[str, list[dict]]:
+        async def one(connector: Any, patient_id: str,
+                      fetch: Callable[..., Awaitable[Any]]) -> tuple[str, int, FilterOutcome]:
             timeout = self.rt.source_timeouts.get(connector.name, 5.0)
             with stage_span("fetch", source=connector.name) as span:
                 status, found = await self.rt.gate.call(connector.name, functools.partial(fetch, timeout=timeout),
@@ -473,12 +473,14 @@ class Pipeline:
                     status, found = sources.UNAVAILABLE, []
                 if status != sources.OK:
                     _set_status(span, status)
-                return status, found or []
+            found = found or []
+            defaults = connector.default_categories
+            return status, len(found), self._classify(((r, patient_id, defaults) for r in found), allowed)
 
-        results = await asyncio.gather(*(one(c, fetch) for c, _pid, fetch in jobs))
+        results = await asyncio.gather(*(one(c, pid, fetch) for c, pid, fetch in jobs))
         if note:
-            for (connector, _pid, _fetch), (status, found) in zip(jobs, results):
-                ex.sources.append({"source": connector.name, "status": status, "fetched": len(found)})
+            for (connector, _pid, _fetch), (status, fetched, _out) in zip(jobs, results):
+                ex.sources.append({"source": connector.name, "status": status, "fetched": fetched})
         return results
 
     def _bundle(self, request: Request, ex: Exchange, resource_type: str, search: SearchRequest,
