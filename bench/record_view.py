@@ -8,7 +8,8 @@ synthetic generator). The broker runs under uvicorn on loopback with a SQLite st
 durable group-commit audit sink; requests go over real HTTP, one at a time, as the child
 welfare worker (COC), who may see something from every source.
 
-Side by side, in the same run and the same way (one at a time, ``--requests`` times each):
+Side by side, in the same run and the same way (one at a time, ``--requests`` rounds in which
+each target is called once, in turn):
 
 - each source fetched directly: every resource type it serves for youth y-alpha, types in
   parallel -- over HTTP straight to the FHIR server for the EHR, through the SQL connector for
@@ -56,14 +57,19 @@ def summary(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
 
 
-async def time_each(fn, n: int, warmup: int) -> list[float]:  # type: ignore[no-untyped-def]
-    for _ in range(warmup):
-        await fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - t)
+async def interleaved(fns: dict, n: int, warmup: int) -> dict[str, list[float]]:  # type: ignore[type-arg]
+    """Each function once per round, in turn, for ``warmup`` then ``n`` rounds; seconds per call.
+
+    Interleaving keeps the comparison fair: the Node server gets faster as its JIT warms up and
+    other load on the machine comes and goes, and every target sees the same conditions.
+    """
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + n):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            await fn()
+            if i >= warmup:
+                out[name].append(time.perf_counter() - t)
     return out
 
 
@@ -107,8 +113,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
             async def ehr_once() -> None:
                 async def one(t: str) -> None:
-                    param = "patient" if t != "Patient" else "_id"
-                    async with http.get(f"{fhir.base_url}/{t}", params={param: patient}) as r:
+                    # the same query the broker's FHIR connector sends
+                    params = {"_id": patient} if t == "Patient" else {"patient": f"Patient/{patient}"}
+                    async with http.get(f"{fhir.base_url}/{t}", params=params) as r:
                         assert r.status == 200
                         await r.read()
                 await asyncio.gather(*(one(t) for t in EHR_TYPES))
@@ -125,10 +132,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 return run
 
             direct = {"county-ehr": ehr_once, **{name: sql_once(name) for name in connectors}}
-            results = {}
-            for name, fn in direct.items():
-                results[name] = summary(await time_each(fn, args.requests, args.warmup))
-            broker = summary(await time_each(broker_once, args.requests, args.warmup))
+            samples = await interleaved({**direct, "broker": broker_once}, args.requests, args.warmup)
+            results = {name: summary(samples[name]) for name in direct}
+            broker = summary(samples["broker"])
             for c in connectors.values():
                 await c.aclose()
 
