@@ -354,7 +354,7 @@ def main() -> int:
               f"FHIR test server: {fhir.base_url} (pid {fhir.process.pid}); upstream of all three: {upstream}; "
               f"work dir {tmp}")
         print(f"upstream queries: direct and passthrough ask for N; the broker asks its source for "
-              f"Observation?patient=Patient/{pid} without _count (all 100) and pages itself")
+              f"Observation?patient=Patient/{pid}&_count=N+1 (the page and one more, for its next link)")
         print(f"runs: {args.warmup:g} s warm-up + {args.duration:g} s measured each, connections {conns_list}, "
               f"sizes {sizes}", flush=True)
         for conns in conns_list:
