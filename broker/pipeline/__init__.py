@@ -289,8 +289,7 @@ class Pipeline:
 
         key = (principal.sub, principal.agency, principal.role, mdt_id, purpose)
 
-        def resolve(session: Any) -> tuple[RequestContext, Grounds] | None:
-            mdt = registry.load_mdt(session, mdt_id)
+        def resolve(session: Any, mdt: Any) -> tuple[RequestContext, Grounds] | None:
             if mdt is None or not registry.mdt_open(mdt, now):
                 return None
             membership = registry.active_membership(session, mdt=mdt, principal=principal, now=now)
@@ -314,8 +313,10 @@ class Pipeline:
                     return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
                                           youth_id=youth_id, purpose=purpose, now=now, membership=membership,
                                           links=links), grounds
-                resolved = resolve(session)
-                youth_id = resolved[0].youth_id if resolved is not None else None
+                mdt = registry.load_mdt(session, mdt_id)
+                resolved = resolve(session, mdt)
+                # a refusal too ends at the youth's next stored instant (an order naming them that starts)
+                youth_id = mdt.youth_id if mdt is not None else None
                 until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
                                                     now=now)
                 value = None if resolved is None else (youth_id, resolved[0].membership, resolved[0].links,

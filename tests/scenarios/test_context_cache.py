@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import event, text, update
 
 from broker.store.db import make_engine
-from broker.store.models import MembershipRow, Staff
+from broker.store.models import CourtOrderRow, MembershipRow, Staff
 from tests.scenarios.harness import Broker
 
 WATCHED = {"agencies", "staff", "youth", "youth_identifiers", "mdts", "memberships", "consents", "court_orders",
@@ -117,14 +117,24 @@ async def test_an_instant_stored_in_the_registry_ends_a_kept_answer_without_any_
     now = datetime.now(timezone.utc)
     _add_member(b, "staff-cache-ends", start=now - timedelta(days=1), end=now + timedelta(seconds=2))
     _add_member(b, "staff-cache-starts", start=now + timedelta(seconds=2), end=None)
+    with b.runtime.sessions() as s:  # a non-member named by a court order that starts later
+        s.add(CourtOrderRow(id="co-cache-starts", youth_id="y-alpha", case_number="JV-0000-CACHE",
+                            court="Superior Court of Nowhere County (synthetic)", categories=["general-health"],
+                            purposes=["HLEGAL"], recipients=[{"kind": "role", "value": "district-attorney"}],
+                            period_start=now + timedelta(seconds=2), period_end=None, created_at=now,
+                            created_by="seed"))
+        s.commit()
     ending, starting = await _token(b, "staff-cache-ends"), await _token(b, "staff-cache-starts")
+    da = await b.token("da")
     assert (await b.get(SEARCH, token=ending, purpose="COC")).status_code == 200
     assert (await b.get(SEARCH, token=starting, purpose="COC")).status_code == 403  # a refusal is kept too
+    assert (await b.get(SEARCH, token=da, purpose="HLEGAL")).status_code == 403
     with b.runtime.sessions() as s:
         generation = s.execute(text("SELECT value FROM registry_generation")).scalar_one()
     await asyncio.sleep(max(0.0, (now + timedelta(seconds=2.1) - datetime.now(timezone.utc)).total_seconds()))
     assert (await b.get(SEARCH, token=ending, purpose="COC")).status_code == 403
     assert (await b.get(SEARCH, token=starting, purpose="COC")).status_code == 200
+    assert (await b.get(SEARCH, token=da, purpose="HLEGAL")).status_code == 200
     with b.runtime.sessions() as s:  # nothing was written: the clock alone ended both answers
         assert s.execute(text("SELECT value FROM registry_generation")).scalar_one() == generation
 
