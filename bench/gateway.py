@@ -165,6 +165,15 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+def start_cache(fhir_base: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """bench/fhir_cache.mjs in front of the test server: (its process, its FHIR base URL), once it answers."""
+    port = free_port()
+    proc = spawn([shutil.which("node") or "node", str(ROOT / "bench" / "fhir_cache.mjs"), "--upstream", fhir_base,
+                  "--port", str(port)], tmp / "fhir_cache.log")
+    wait_http(f"http://127.0.0.1:{port}/healthz", proc, tmp / "fhir_cache.log")
+    return proc, f"http://127.0.0.1:{port}/fhir/R4"
+
+
 def broker_env(settings, tmp: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """The harness's settings as the BROKER_* variables ``broker serve`` reads (sources via a YAML file)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
@@ -326,11 +335,8 @@ def main() -> int:
     try:
         upstream = fhir.base_url
         if args.upstream == "cached":
-            c_port = free_port()
-            procs.append(spawn([shutil.which("node") or "node", str(ROOT / "bench" / "fhir_cache.mjs"), "--upstream", fhir.base_url,
-                                "--port", str(c_port)], tmp / "fhir_cache.log"))
-            wait_http(f"http://127.0.0.1:{c_port}/healthz", procs[-1], tmp / "fhir_cache.log")
-            upstream = f"http://127.0.0.1:{c_port}/fhir/R4"
+            cache, upstream = start_cache(fhir.base_url, tmp)
+            procs.append(cache)
         broker, settings = asyncio.run(prepare_broker(tmp, upstream, pid))
         b_port, p_port = free_port(), free_port()
         broker_proc = spawn([sys.executable, "-m", "broker.cli", "serve", "--host", "127.0.0.1", "--port",

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gateway import (MDT, PURPOSE, WRK_LUA, audit_summary, broker_env, check, ensure_wrk, fresh_token,  # noqa: E402
-                     loadavg, patient_id, prepare_broker, seed_file, spawn, stop, wait_http, wrk)
+                     loadavg, patient_id, prepare_broker, seed_file, spawn, start_cache, stop, wait_http, wrk)
 from tests.support.fhir_server import start_fhir_server  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -93,11 +93,8 @@ def main() -> int:
     procs = []
     answered = errors = chunks = 0
     try:
-        c_port = free_port()
-        procs.append(spawn([shutil.which("node") or "node", str(ROOT / "bench" / "fhir_cache.mjs"), "--upstream",
-                            fhir.base_url, "--port", str(c_port)], tmp / "fhir_cache.log"))
-        wait_http(f"http://127.0.0.1:{c_port}/healthz", procs[-1], tmp / "fhir_cache.log")
-        upstream = f"http://127.0.0.1:{c_port}/fhir/R4"
+        cache, upstream = start_cache(fhir.base_url, tmp)
+        procs.append(cache)
         broker, settings = asyncio.run(prepare_broker(tmp, upstream, pid))
         b_port = free_port()
         broker_proc = spawn([sys.executable, "-m", "broker.cli", "serve", "--host", "127.0.0.1", "--port",
