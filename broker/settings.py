@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         if self.external_jwks_url and not (self.external_issuer and self.external_audience):
             raise ValueError("external_jwks_url needs external_issuer and external_audience")
         if self.sources_file is not None:
-            data = yaml.safe_load(self.sources_file.read_text()) or {}
+            data = _read_yaml(self.sources_file) or {}
             self.sources = [SourceConfig.model_validate(s) for s in data.get("sources", [])]
         names = [s.name for s in self.sources]
         if len(names) != len(set(names)):
@@ -136,6 +136,16 @@ class Settings(BaseSettings):
     def token_endpoint(self) -> str:
         """The URL client assertions must name as their audience (RFC 7523 section 3)."""
         return f"{self.public_url}/oauth/token"
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a settings file; a syntax error names its position only, never the text, which may hold a password."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path} is not valid YAML{where}") from None
 
 
 def _is_loopback(url: str) -> bool:

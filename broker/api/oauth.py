@@ -47,6 +47,8 @@ _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,64}$")
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _MAX_SCOPES = 20
 _MAX_ASSERTION_CHARS = 16_384
+UNKNOWN_ROLE = "(unknown-role)"
+"""Stands for a requested role the broker does not know; no requestable role can spell it (see _CODE)."""
 _SINGLE_VALUED = ("grant_type", "client_assertion_type", "client_assertion", "client_id", "staff_sub",
                   "staff_role", "purpose_of_use", "scope")
 
@@ -208,7 +210,11 @@ def _grant_token(runtime: Any, grant: _Grant, ex: Exchange, limits: RateLimits) 
             ex.detail["assertion_client"] = client.client_id
             raise _OAuthError("invalid_client", "client_id_mismatch")
         # The client is authenticated: the event names it, and the staff member and role it asked for.
-        ex.principal = Principal(sub=grant.staff_sub, agency=client.agency_id, role=grant.staff_role,
+        # The principal's role is also written to the request log line, so a role the broker does not
+        # know (caller-typed text; it may be anything, even a youth's identifier) is named as UNKNOWN_ROLE.
+        agency = session.get(Agency, client.agency_id)
+        role = grant.staff_role if grant.staff_role in _known_roles(runtime, agency) else UNKNOWN_ROLE
+        ex.principal = Principal(sub=grant.staff_sub, agency=client.agency_id, role=role,
                                  client_id=client.client_id, scopes=grant.scopes, purpose=grant.purpose)
         limits.admit_token_client(client.client_id)
         staff = session.get(Staff, grant.staff_sub)
@@ -218,7 +224,6 @@ def _grant_token(runtime: Any, grant: _Grant, ex: Exchange, limits: RateLimits) 
             raise _OAuthError("invalid_grant", "staff_of_another_agency")
         if grant.staff_role not in (staff.roles or []):
             raise _OAuthError("invalid_grant", "role_not_held")
-        agency = session.get(Agency, client.agency_id)
         if agency is None or grant.staff_role not in (agency.roles or []):
             raise _OAuthError("unauthorized_client", "role_not_of_agency")
         client_id, agency_id = client.client_id, client.agency_id
@@ -238,6 +243,14 @@ def _grant_token(runtime: Any, grant: _Grant, ex: Exchange, limits: RateLimits) 
         "expires_in": expires_in,
         "scope": " ".join(sorted(grant.scopes)),
     }
+
+
+def _known_roles(runtime: Any, agency: Agency | None) -> frozenset[str]:
+    """Roles the broker has heard of: the vocabulary's and the client's agency's."""
+    known = set(runtime.vocabulary.roles) | set(runtime.vocabulary.admin_roles)
+    if agency is not None:
+        known |= set(agency.roles or [])
+    return frozenset(known)
 
 
 @router.get("/.well-known/jwks.json", summary="The broker's public signing keys (RFC 7517 JWK Set)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from broker.auth.keys import BrokerKey
 from broker.store.models import Agency, AuditEventRow, OAuthClient, Staff
@@ -29,14 +30,19 @@ async def start_audit_broker(tmp: Path, database_url: str, fhir_base_url: str, *
     key = BrokerKey.from_pem(write_key(tmp / f"{AUDIT_AGENCY}.pem").read_bytes())
     b.keys[AUDIT_AGENCY] = key
     with b.runtime.sessions() as s:
-        s.add(Agency(id=AUDIT_AGENCY, name="Test audit office", roles=["auditor", "privacy-officer"]))
-        s.flush()
-        s.add(OAuthClient(client_id=client_id(AUDIT_AGENCY), agency_id=AUDIT_AGENCY, name="audit system",
-                          jwks=key.public_jwks(), active=True, created_at=datetime.now(timezone.utc)))
-        for sub, role in AUDIT_STAFF.values():
-            s.add(Staff(sub=sub, agency_id=AUDIT_AGENCY, roles=[role], active=True))
-        s.commit()
+        seed_audit_office(s, key)
     return b
+
+
+def seed_audit_office(s: Session, key: BrokerKey) -> None:
+    """The audit office agency, its system (signing with ``key``) and its two staff; commits."""
+    s.add(Agency(id=AUDIT_AGENCY, name="Test audit office", roles=["auditor", "privacy-officer"]))
+    s.flush()
+    s.add(OAuthClient(client_id=client_id(AUDIT_AGENCY), agency_id=AUDIT_AGENCY, name="audit system",
+                      jwks=key.public_jwks(), active=True, created_at=datetime.now(timezone.utc)))
+    for sub, role in AUDIT_STAFF.values():
+        s.add(Staff(sub=sub, agency_id=AUDIT_AGENCY, roles=[role], active=True))
+    s.commit()
 
 
 async def token(b: Broker, alias: str) -> str:
