@@ -1,6 +1,7 @@
 """Benchmark: durable audit append rate, SqlAuditSink vs GroupCommitAuditSink, and verify_chain rate.
 
     .venv/bin/python bench/audit.py [--seconds 3] [--threads 1,32] [--backends sqlite,postgresql]
+    .venv/bin/python bench/audit.py --verify-only [--verify-events 200000] [--verify-workers 1,auto]
 
 For each backend (a temporary SQLite file with the broker's settings -- WAL, synchronous=FULL,
 BEGIN IMMEDIATE -- and a throwaway PostgreSQL server started like the tests' one, but with
@@ -9,12 +10,17 @@ thread count, threads append realistic events (tests/audit/events.py, built befo
 starts unless ``--build-in-loop``) as fast as they can for ``--seconds``; the rate counts only
 appends that returned (i.e. were committed). All cases of a
 backend append to the same chain, which is then verified. The verify rate is timed separately on a
-chain of ``--verify-events`` events written straight into the tables (tests/audit/bulk.py).
+chain of ``--verify-events`` events written straight into the tables (tests/audit/bulk.py), after
+one untimed walk, ``--verify-repeat`` times for each ``--verify-workers`` setting (``auto`` is
+verify_chain's default: a process per usable CPU, at most 4; ``1`` is the serial walk);
+``--verify-only`` skips the append cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -74,7 +80,11 @@ def run_case(sink, threads: int, seconds: float, start_id: int,  # type: ignore[
 
 
 def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int], verify_url: str,
-                  verify_events: int, build_in_loop: bool = False) -> list[str]:
+                  verify_events: int, build_in_loop: bool = False, verify_only: bool = False,
+                  verify_workers: tuple[int | None, ...] = (None,), verify_repeat: int = 3,
+                  verify_batch: int = 5000) -> list[str]:
+    if verify_only:
+        return bench_verify(name, verify_url, verify_events, verify_workers, verify_repeat, verify_batch)
     upgrade(url)
     engine = make_engine(url, pool_size=20)
     sessions = make_sessionmaker(engine)
@@ -106,25 +116,54 @@ def bench_backend(name: str, url: str, seconds: float, thread_counts: list[int],
     print(line, flush=True)
     lines.append(line)
     engine.dispose()
-    lines.append(bench_verify(name, verify_url, verify_events))
+    lines += bench_verify(name, verify_url, verify_events, verify_workers, verify_repeat, verify_batch)
     return lines
 
 
-def bench_verify(name: str, url: str, n: int) -> str:
-    """Verify rate on a long chain (written straight into the tables, like tests/audit/bulk.py)."""
+def bench_verify(name: str, url: str, n: int, workers: tuple[int | None, ...] = (None,), repeat: int = 3,
+                 batch: int = 5000) -> list[str]:
+    """Verify rate on a long chain (written straight into the tables, like tests/audit/bulk.py).
+
+    Each setting of ``workers`` (None: verify_chain's default) is timed ``repeat`` times after
+    one untimed walk; the median and the spread are printed, with the load average, because on a
+    shared machine a single run says little.
+    """
     upgrade(url)
     engine = make_engine(url)
-    bulk_chain(engine, n)
-    sessions = make_sessionmaker(engine)
-    verify_chain(sessions, batch=5000)  # warm the page cache and the connection pool
     began = time.monotonic()
-    report = verify_chain(sessions, batch=5000)
-    elapsed = time.monotonic() - began
-    assert report.ok and report.count == n, report
+    bulk_chain(engine, n)
+    if engine.dialect.name == "postgresql":
+        # A table that was just bulk-loaded is read ~10% slower until it is vacuumed (visibility
+        # map, hint bits), and autovacuum might start on it mid-run; a live audit table has long
+        # been vacuumed by autovacuum, so time that.
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM (ANALYZE) audit_events")
+    print(f"{name:10} wrote a chain of {n} events in {time.monotonic() - began:.1f} s", flush=True)
+    sessions = make_sessionmaker(engine)
+    lines = []
+    for w in workers:
+        label = "auto" if w is None else str(w)
+        verify_chain(sessions, batch=batch, workers=w)  # warm the page cache and the connection pool
+        rates = []
+        for _ in range(repeat):
+            cpu = os.times()
+            began = time.monotonic()
+            report = verify_chain(sessions, batch=batch, workers=w)
+            elapsed = time.monotonic() - began
+            after = os.times()
+            assert report.ok and report.count == n, report
+            rates.append(n / elapsed)
+            used = (after.user - cpu.user + after.system - cpu.system
+                    + after.children_user - cpu.children_user + after.children_system - cpu.children_system)
+            print(f"{name:10}   workers={label:4} {elapsed:5.2f} s = {n / elapsed:7.0f} ev/s"
+                  f"  (this process and its helpers: {used / n * 1e6:.1f} CPU-µs/event;"
+                  f" load average {os.getloadavg()[0]:.2f})", flush=True)
+        line = (f"{name:10} verify_chain on {n} events, batch={batch}, workers={label}: median"
+                f" {statistics.median(rates):.0f} ev/s (min {min(rates):.0f}, max {max(rates):.0f}, {repeat} runs)")
+        print(line, flush=True)
+        lines.append(line)
     engine.dispose()
-    line = f"{name:10} verify_chain on {n} events: {elapsed:.2f} s = {n / elapsed:.0f} ev/s"
-    print(line, flush=True)
-    return line
+    return lines
 
 
 def main() -> None:
@@ -135,18 +174,25 @@ def main() -> None:
     parser.add_argument("--verify-events", type=int, default=200_000, help="length of the chain verify is timed on")
     parser.add_argument("--build-in-loop", action="store_true",
                         help="build each event just before its append instead of before the clock starts")
+    parser.add_argument("--verify-only", action="store_true", help="time only verify_chain, not the appends")
+    parser.add_argument("--verify-workers", default="auto",
+                        help="comma-separated verify_chain worker counts to time; auto = its default, 1 = serial")
+    parser.add_argument("--verify-repeat", type=int, default=3, help="timed walks per worker setting")
+    parser.add_argument("--verify-batch", type=int, default=5000, help="verify_chain's batch (rows per query)")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     backends = args.backends.split(",")
+    verify = {"verify_only": args.verify_only, "verify_repeat": args.verify_repeat, "verify_batch": args.verify_batch,
+              "verify_workers": tuple(None if w == "auto" else int(w) for w in args.verify_workers.split(","))}
+    print(f"{len(os.sched_getaffinity(0))} CPUs usable; load average {os.getloadavg()}", flush=True)
 
     if "sqlite" in backends:
         with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
             bench_backend("sqlite", f"sqlite:///{tmp}/audit.db", args.seconds, thread_counts,
-                          f"sqlite:///{tmp}/verify.db", args.verify_events, args.build_in_loop)
+                          f"sqlite:///{tmp}/verify.db", args.verify_events, args.build_in_loop, **verify)
     if "postgresql" in backends:
         server = start_postgres()
         try:
-            import os
             import subprocess
 
             from tests.support.postgres import _as_server_user
@@ -167,7 +213,7 @@ def main() -> None:
                 sync_commit = conn.execute("SHOW synchronous_commit").fetchone()[0]
             print(f"postgresql: fsync={fsync} synchronous_commit={sync_commit}", flush=True)
             bench_backend("postgresql", server.create_database(), args.seconds, thread_counts,
-                          server.create_database(), args.verify_events, args.build_in_loop)
+                          server.create_database(), args.verify_events, args.build_in_loop, **verify)
         finally:
             server.stop()
 

@@ -52,3 +52,15 @@ def _drop_database(url: str) -> None:
 def sessions(db: Db) -> sessionmaker[Session]:
     """The sessionmaker of the parametrized database."""
     return db.sessions
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Verify helpers are forked only for PostgreSQL: an SQLite x fork combination is not a test at all."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        forked = "fork" in (params.get("helpers_only"), params.get("start"))
+        (drop if forked and params.get("db") == "sqlite" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
