@@ -29,6 +29,7 @@ from broker.pipeline import Pipeline
 from broker.settings import Settings
 from broker.store.db import make_engine, make_sessionmaker, upgrade
 from broker.store.models import Agency, OAuthClient, Staff
+from broker.vocabulary import Vocabulary
 from tests.support.ports import free_port
 
 
@@ -185,6 +186,10 @@ def seed(sessions: Any, keys: dict[str, BrokerKey]) -> None:
         s.commit()
 
 
+SHIPPED_VOCABULARY = Vocabulary.load(Path(__file__).resolve().parents[2] / "policies")
+"""The token endpoint names a requested role it has never heard of as "(unknown-role)"."""
+
+
 def build_world(tmp: Path, database_url: str, jwks_url: str) -> World:
     key_file, policy = write_settings_files(tmp)
     settings = Settings(
@@ -212,7 +217,8 @@ def build_world(tmp: Path, database_url: str, jwks_url: str) -> World:
     app.include_router(router)
     app.state.runtime = SimpleNamespace(settings=settings, sessions=sessions, issuer=issuer,
                                         signing_key=broker_key, verifier=verifier,
-                                        audit=SqlAuditSink(sessions), policy=SimpleNamespace(version="auth-tests"))
+                                        audit=SqlAuditSink(sessions), policy=SimpleNamespace(version="auth-tests"),
+                                        vocabulary=SHIPPED_VOCABULARY)
     app.state.pipeline = Pipeline(app.state.runtime)  # the token endpoint audits through it
 
     @app.get("/whoami")

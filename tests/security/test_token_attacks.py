@@ -22,7 +22,7 @@ import pytest
 from joserfc import jwt
 from sqlalchemy import select
 
-from broker.api.oauth import DESCRIPTIONS
+from broker.api.oauth import DESCRIPTIONS, UNKNOWN_ROLE
 from broker.auth.keys import BrokerKey, generate_private_key_pem
 from broker.store.models import AuditEventRow
 from tests.scenarios.harness import PERSONAS, PUBLIC_URL, Broker, client_id, start_broker
@@ -218,6 +218,9 @@ TOKEN_ATTACKS: list[Any] = [
                  400, "invalid_grant", "role_not_held", "bh-system", None, id="role-outside-the-agency"),
     pytest.param(lambda b: {"staff_sub": "staff-nobody"},
                  400, "invalid_grant", "staff_unknown_or_inactive", "bh-system", None, id="unknown-staff"),
+    # free text in the role field (here a record number) is not a role: the event does not repeat it
+    pytest.param(lambda b: {"staff_role": "MRN-00417-TEST"},
+                 400, "invalid_grant", "role_not_held", "bh-system", None, id="role-nobody-has-heard-of"),
 ]
 
 
@@ -251,8 +254,10 @@ async def test_token_endpoint_attack_is_a_fixed_oauth_error_and_audited(
     assert event["detail"].get("assertion_client") == signed_by
     if client is None:
         assert event["actor"] is None
-    else:  # the client authenticated: the event names whom it asked to speak for
-        assert event["actor"] == {"sub": form["staff_sub"], "agency": "bh", "role": form["staff_role"]}
+    else:  # the client authenticated: the event names whom it asked to speak for, in a role it has heard of
+        role = form["staff_role"] if form["staff_role"] != "MRN-00417-TEST" else UNKNOWN_ROLE
+        assert event["actor"] == {"sub": form["staff_sub"], "agency": "bh", "role": role}
+        assert "MRN-00417-TEST" not in audit_row(b=broker, request_id=r.headers["x-request-id"]).body
 
 
 async def test_a_replayed_assertion_is_refused_and_audited_against_its_client(broker: Broker) -> None:
