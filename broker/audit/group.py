@@ -47,6 +47,12 @@ from broker.store.models import AuditEventRow, AuditHead
 __all__ = ["GroupCommitAuditSink"]
 
 
+def _held_lock() -> Any:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False, slots=True)
 class _Pending:
     """One caller's event on its way through the writer."""
@@ -56,10 +62,22 @@ class _Pending:
     stdlib: bool
     """canonical.reduce found a value only the standard library renders canonically."""
     columns: dict[str, Any]
-    done: threading.Event = field(default_factory=threading.Event)
     outcome: AuditOutcome | None = None
     previous_hash: str | None = None
     error: AuditWriteError | None = None
+    finished: bool = False
+    """Set (by the writer only) once outcome or error is final."""
+    _latch: Any = field(default_factory=_held_lock)
+    """Held until finish(): the caller blocks acquiring it (cheaper than a threading.Event)."""
+
+    def wait(self) -> None:
+        self._latch.acquire()
+
+    def finish(self) -> None:
+        """Wake the caller, once; called by the writer thread alone."""
+        if not self.finished:
+            self.finished = True
+            self._latch.release()
 
 
 class GroupCommitAuditSink:
@@ -108,13 +126,17 @@ class GroupCommitAuditSink:
                 self._writer.start()
             self._inside += 1
             self._queue.append(pending)
-            self._cond.notify_all()
+            # Only the writer waits on the condition, and only for these two changes (an enqueue
+            # leaves "queue < inside" as it was): waking it for every caller cost more than the rest.
+            if len(self._queue) == 1 or len(self._queue) >= self._max_batch:
+                self._cond.notify()
         try:
-            pending.done.wait()
+            pending.wait()
         finally:
             with self._cond:
                 self._inside -= 1
-                self._cond.notify_all()
+                if self._queue and len(self._queue) >= self._inside:
+                    self._cond.notify()
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None
@@ -150,9 +172,9 @@ class GroupCommitAuditSink:
                 error = AuditWriteError(f"audit append failed: {type(exc).__name__}")
                 error.__cause__ = exc
                 for p in batch:
-                    if not p.done.is_set():
+                    if not p.finished:
                         p.outcome, p.error = None, error
-                        p.done.set()
+                        p.finish()
                 if not isinstance(exc, Exception):
                     raise
 
@@ -208,16 +230,16 @@ class GroupCommitAuditSink:
             error.__cause__ = exc
             for p in batch:
                 p.error = error
-                p.done.set()
+                p.finish()
             return
         self._head = (plan.seq, plan.prev)
         self.events += len(plan.chained)
         for p, error in plan.refused:
             p.error = error
-            p.done.set()
+            p.finish()
         for p, outcome, previous in plan.chained:
             p.outcome, p.previous_hash = outcome, previous
-            p.done.set()
+            p.finish()
 
 
 @dataclass
