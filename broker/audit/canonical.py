@@ -107,14 +107,19 @@ def _plain(obj: Any, state: _State) -> Any:
                 if not isinstance(key, str):
                     raise TypeError(f"object keys must be str, not {type(key).__name__}")
                 key = str(key)
-            out[key] = _plain(value, state)
+            vt = type(value)  # the leaves most values are, without a call (most of the walk's cost)
+            out[key] = value if vt is str or value is None or vt is bool else _plain(value, state)
         return out
     if t is list or t is tuple:
-        return [_plain(item, state) for item in obj]
+        return [item if type(item) is str else _plain(item, state) for item in obj]
     if t is int:
         if not _ORJSON_INT_MIN <= obj <= _ORJSON_INT_MAX:
             state.stdlib = True
         return obj
+    if t is datetime:
+        return format_time(obj)
+    if t is set or t is frozenset:
+        return _sorted_set(obj, state)
     if isinstance(obj, bool):
         return bool(obj)
     if isinstance(obj, str):
@@ -133,12 +138,17 @@ def _plain(obj: Any, state: _State) -> Any:
     if isinstance(obj, list | tuple):
         return [_plain(item, state) for item in obj]
     if isinstance(obj, set | frozenset):
-        if all(type(item) is str for item in obj):
-            try:
-                return sorted(obj, key=orjson.dumps)  # a string's canonical bytes are orjson's
-            except orjson.JSONEncodeError:
-                pass  # not valid Unicode: the general path raises the ValueError
-        items = [_plain(item, state) for item in obj]
-        keyed = sorted((canonical_json(item), i) for i, item in enumerate(items))
-        return [items[i] for _, i in keyed]
+        return _sorted_set(obj, state)
     raise TypeError(f"{type(obj).__name__} has no canonical JSON form")
+
+
+def _sorted_set(obj: set[Any] | frozenset[Any], state: _State) -> list[Any]:
+    """A set as a list ordered by its members' canonical bytes."""
+    if all(type(item) is str for item in obj):
+        try:
+            return sorted(obj, key=orjson.dumps)  # a string's canonical bytes are orjson's
+        except orjson.JSONEncodeError:
+            pass  # not valid Unicode: the general path raises the ValueError
+    items = [_plain(item, state) for item in obj]
+    keyed = sorted((canonical_json(item), i) for i, item in enumerate(items))
+    return [items[i] for _, i in keyed]
