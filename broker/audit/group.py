@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import Connection, Engine, insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit.canonical import chain_hash, dump_plain, reduce
@@ -104,6 +104,10 @@ class GroupCommitAuditSink:
         self.events = 0
         """Events committed so far."""
         self._head: tuple[int, str] | None = None
+        bind = sessions.kw.get("bind")
+        self._engine = bind if isinstance(bind, Engine) else None
+        self._conn: Connection | None = None  # the writer's own, between batches (writer thread only)
+        self._conn_used = 0.0
 
     def append(self, event: dict[str, Any]) -> AuditOutcome:
         """Chain and commit ``event``; blocks until its batch is committed, else AuditWriteError."""
@@ -165,6 +169,7 @@ class GroupCommitAuditSink:
         while True:
             batch = self._next_batch()
             if batch is None:
+                self._drop_connection()
                 return
             try:
                 self._commit(batch)
@@ -195,6 +200,32 @@ class GroupCommitAuditSink:
             n = min(len(self._queue), self._max_batch)
             return [self._queue.popleft() for _ in range(n)]
 
+    def _connection(self) -> Connection | None:
+        """The writer's connection: kept while batches follow each other, so that a busy writer
+        does not pay the pool's liveness ping (a round trip) per batch; after a pause of
+        CONNECTION_RECHECK_S it goes back to the pool and a fresh checkout is pinged. None when
+        the sessionmaker is not bound to an Engine (then every batch takes a pooled session)."""
+        if self._engine is None:
+            return None
+        now = time.monotonic()
+        if self._conn is not None and now - self._conn_used > CONNECTION_RECHECK_S:
+            self._drop_connection()
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        self._conn_used = now
+        return self._conn
+
+    def _drop_connection(self, *, broken: bool = False) -> None:
+        """Give the writer's connection back to the pool, or (``broken``) have the pool discard it."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if broken:
+                    conn.invalidate()
+                conn.close()
+            except Exception:  # noqa: BLE001 - a connection being given up on may fail to close
+                pass
+
     def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for the whole batch; waiters are woken only after it committed.
 
@@ -206,15 +237,12 @@ class GroupCommitAuditSink:
         self.batches += 1
         known, self._head = self._head, None  # forgotten unless this commit succeeds
         try:
-            with self._sessions.begin() as session:
+            conn = self._connection()
+            with (self._sessions(bind=conn) if conn is not None else self._sessions()) as session, session.begin():
                 plan = None
                 if known is not None:
                     plan = _chain(batch, *known)
-                    moved = session.execute(
-                        update(_HEAD).where(_HEAD.c.id == HEAD_ID, _HEAD.c.seq == known[0],
-                                            _HEAD.c.hash == known[1])
-                        .values(seq=plan.seq, hash=plan.prev))
-                    if moved.rowcount != 1:
+                    if not _move_head(session, known, plan):
                         plan = None
                 if plan is None:
                     plan = _chain(batch, *_lock_head(session))
@@ -226,6 +254,7 @@ class GroupCommitAuditSink:
                     else:
                         session.execute(insert(AuditEventRow.__table__), plan.rows)
         except Exception as exc:
+            self._drop_connection(broken=True)  # whatever state it is in, the next batch starts on a fresh one
             error = AuditWriteError(f"audit append failed: {type(exc).__name__}")
             error.__cause__ = exc
             for p in batch:
@@ -276,7 +305,27 @@ def _chain(batch: list[_Pending], seq: int, prev: str) -> _Plan:
     return plan
 
 
+CONNECTION_RECHECK_S = 1.0
+"""A writer connection idle longer than this is returned to the pool and the next batch checks one out anew."""
+
 _HEAD = AuditHead.__table__
+_CAS_SQL = (f"UPDATE {_HEAD.name} SET seq = %s, hash = %s WHERE id = %s AND seq = %s AND hash = %s")
+
+
+def _move_head(session: Session, known: tuple[int, str], plan: _Plan) -> bool:
+    """Move the head from ``known`` to the plan's end if nobody else moved it; False if somebody did.
+
+    PostgreSQL: the transaction's BEGIN and the UPDATE go in one pipeline, one round trip.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        driver = session.connection().connection.driver_connection
+        with driver.pipeline():
+            cursor = driver.execute(_CAS_SQL, (plan.seq, plan.prev, HEAD_ID, known[0], known[1]))
+        return cursor.rowcount == 1
+    moved = session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID, _HEAD.c.seq == known[0],
+                                                _HEAD.c.hash == known[1])
+                            .values(seq=plan.seq, hash=plan.prev))
+    return moved.rowcount == 1
 _COPY_COLUMNS = tuple(c.name for c in AuditEventRow.__table__.columns)
 
 

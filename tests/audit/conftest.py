@@ -55,12 +55,14 @@ def sessions(db: Db) -> sessionmaker[Session]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Verify helpers are forked only for PostgreSQL: an SQLite x fork combination is not a test at all."""
+    """Cases that do not exist on SQLite are not collected (rather than skipped): verify helpers
+    are forked only for PostgreSQL, and ``postgresql_only`` tests kill server connections."""
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         forked = "fork" in (params.get("helpers_only"), params.get("start"))
-        (drop if forked and params.get("db") == "sqlite" else keep).append(item)
+        postgresql_only = forked or item.get_closest_marker("postgresql_only") is not None
+        (drop if postgresql_only and params.get("db") == "sqlite" else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import delete, func, select, text
 
 from broker.audit import AuditWriteError, SqlAuditSink, verify_chain
+from broker.audit import group
 from broker.audit.group import GroupCommitAuditSink
 from broker.store.db import make_engine, make_sessionmaker
 from broker.store.models import AuditEventRow, AuditHead
@@ -229,3 +230,43 @@ def test_close_drains_and_refuses_later_appends(sessions):
     sink.close()  # idempotent
     assert _count(sessions) == 40
     assert verify_chain(sessions).ok
+
+
+def _terminate_other_backends(db) -> int:
+    """Kill every other connection to this test database (the writer's among them), as a failover would."""
+    with db.engine.connect() as conn:
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        conn.commit()
+    return int(killed)
+
+
+@pytest.mark.postgresql_only
+def test_a_writer_connection_killed_mid_burst_fails_one_batch_then_the_writer_reconnects(db, monkeypatch):
+    """The writer keeps its connection between batches (no liveness ping while busy): losing it
+    fails the batch that finds it dead, never silently, and the next batch runs on a new one."""
+    monkeypatch.setattr(group, "CONNECTION_RECHECK_S", 3600.0)
+    sink = GroupCommitAuditSink(db.sessions)
+    sink.append(make_event(0))
+    held = sink._conn
+    assert held is not None and _terminate_other_backends(db) >= 1
+    with pytest.raises(AuditWriteError):
+        sink.append(make_event(1))
+    outcomes = [sink.append(make_event(i)) for i in range(2, 5)]
+    sink.close()
+    assert [o.sequence for o in outcomes] == [2, 3, 4]
+    assert sink._conn is None  # given back when the writer stopped
+    assert verify_chain(db.sessions).ok
+
+
+@pytest.mark.postgresql_only
+def test_after_a_pause_the_writer_checks_out_a_pinged_connection(db, monkeypatch):
+    monkeypatch.setattr(group, "CONNECTION_RECHECK_S", 0.0)
+    sink = GroupCommitAuditSink(db.sessions)
+    sink.append(make_event(0))
+    assert _terminate_other_backends(db) >= 1
+    time.sleep(0.01)
+    outcomes = [sink.append(make_event(i)) for i in range(1, 4)]  # the pool's ping finds the dead one
+    sink.close()
+    assert [o.sequence for o in outcomes] == [2, 3, 4]
+    assert verify_chain(db.sessions).ok
