@@ -70,6 +70,7 @@ PARALLEL_MIN = 50_000
 """From this many events on, verify_chain also walks in helper processes (a spawned one takes ~0.1-0.3 s to start)."""
 MAX_WORKERS = 4
 """Processes (this one included) a walk uses at most when ``workers`` is not given."""
+_PARALLEL_WALK = threading.Lock()
 _parent_takes_chunks = True  # tests set False so that every range goes through a helper process
 _helper_start = "auto"
 """How helpers start: "spawn" runs a fresh interpreter (~0.1 s with SQLite, ~0.3 s with psycopg to
@@ -157,9 +158,14 @@ def verify_chain(sessions: sessionmaker[Session], *, from_seq: int = 1, batch: i
     try:
         _anchor_on_archives(sessions, walk, keys)
         workers = _default_workers() if workers is None else workers
-        if workers > 1:
-            _walk_in_parallel(sessions, walk, keys, batch=batch, workers=workers, parallel_min=parallel_min,
-                              chunk=chunk)
+        # One parallel walk at a time per process: concurrent /audit/verify calls must not
+        # multiply helper processes; a walk that finds another one running walks serially.
+        if workers > 1 and _PARALLEL_WALK.acquire(blocking=False):
+            try:
+                _walk_in_parallel(sessions, walk, keys, batch=batch, workers=workers,
+                                  parallel_min=parallel_min, chunk=chunk)
+            finally:
+                _PARALLEL_WALK.release()
         return _walk_serially(sessions, walk, keys, batch)
     except _Broken as broken:
         before = min(walk.count, max(broken.seq - walk.start, 0))  # a head break can follow good rows

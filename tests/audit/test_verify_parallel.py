@@ -338,6 +338,20 @@ def test_a_short_chain_stays_in_this_process(long_chain, ranges_seen):
     assert ranges_seen
 
 
+def test_a_second_walk_while_one_runs_in_parallel_walks_serially(long_chain, key, ranges_seen):
+    """Concurrent verifications (say, several /audit/verify calls) never multiply helper processes."""
+    assert verify_module._PARALLEL_WALK.acquire(blocking=False)  # a parallel walk is under way
+    try:
+        report = verify_chain(long_chain.sessions, workers=2, parallel_min=1, chunk=CHUNK,
+                              public_key=key.public_key)
+    finally:
+        verify_module._PARALLEL_WALK.release()
+    assert report.ok and report.count == LONG
+    assert ranges_seen == []  # no range was handed out
+    assert verify_chain(long_chain.sessions, workers=2, parallel_min=1, chunk=CHUNK, public_key=key.public_key).ok
+    assert ranges_seen
+
+
 def test_an_in_memory_database_is_not_shared_with_helpers():
     assert verify_module._connect_spec(create_engine("sqlite://")) is None
     assert verify_module._connect_spec(create_engine("sqlite:///:memory:")) is None
