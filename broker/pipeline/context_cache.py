@@ -47,9 +47,13 @@ class Kept:
     """What the pipeline resolved (None for a refusal)."""
 
 
+_GENERATION = select(RegistryGeneration.value).where(RegistryGeneration.id == 1)
+"""Built once: SQLAlchemy keeps a statement's cache key on the object, so reusing it skips regenerating it per request."""
+
+
 def read_generation(session: Session) -> int | None:
     """The registry generation, or None if its row is missing (then nothing is kept)."""
-    return session.execute(select(RegistryGeneration.value).where(RegistryGeneration.id == 1)).scalar_one_or_none()
+    return session.execute(_GENERATION).scalar_one_or_none()
 
 
 def next_boundary(session: Session, *, youth_id: str | None, mdt_id: str, sub: str, now: datetime) -> datetime | None:
