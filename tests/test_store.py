@@ -36,3 +36,55 @@ def test_migrations_match_models(migrated_url):
 
 def test_upgrade_is_idempotent(migrated_url):
     upgrade(migrated_url)
+
+
+def _hold_sqlite_write_lock(engine, holding, release):  # type: ignore[no-untyped-def]
+    with engine.connect() as conn, conn.begin():  # BEGIN IMMEDIATE: the database write lock
+        conn.exec_driver_sql("UPDATE registry_generation SET value = value + 1")
+        holding.set()
+        release.wait(30)
+
+
+def test_a_read_only_session_does_not_wait_for_the_sqlite_write_lock(tmp_path):
+    """The pipeline's context read begins DEFERRED: in WAL mode it reads while the audit writer
+    holds the write lock. A session that may write still begins IMMEDIATE and waits."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from broker.pipeline import context_cache
+    from broker.store.db import make_sessionmaker, read_only
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        before = context_cache.read_generation(session)
+    holding, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_sqlite_write_lock, args=(engine, holding, release))
+    holder.start()
+    try:
+        assert holding.wait(30)
+        began = time.monotonic()
+        with sessions() as session:
+            assert context_cache.read_generation(read_only(session)) == before  # the last committed value
+        assert time.monotonic() - began < 1.0
+        done = threading.Event()
+
+        def may_write() -> None:
+            with sessions() as session:  # not marked: BEGIN IMMEDIATE waits for the lock
+                session.execute(text("SELECT 1"))
+                done.set()
+
+        writer = threading.Thread(target=may_write)
+        writer.start()
+        assert not done.wait(0.5)
+        release.set()
+        assert done.wait(30)
+        writer.join(30)
+    finally:
+        release.set()
+        holder.join(30)
+        engine.dispose()

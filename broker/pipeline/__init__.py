@@ -46,6 +46,7 @@ from broker.pipeline.filtering import FilterOutcome, filter_resources
 from broker.pipeline.search_params import RESOURCE_ID, RESOURCE_TYPE, SearchRequest, parse_search
 from broker.ratelimit import RateLimits
 from broker.registry import service as registry
+from broker.store.db import read_only
 from connectors.base import SourceQuery, SourceTimeout
 
 if TYPE_CHECKING:
@@ -304,6 +305,7 @@ class Pipeline:
 
         def load() -> tuple[RequestContext, Grounds] | None:
             with self.rt.sessions() as session:
+                read_only(session)
                 generation = context_cache.read_generation(session)  # first: what follows is at least as new
                 kept = self.contexts.get(key, generation, now)
                 if kept is not None:

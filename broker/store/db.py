@@ -44,7 +44,24 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A transaction that may write takes the write lock up front, so it never fails upgrading
+        # a read lock; one that only reads (see read_only) takes none, so in WAL mode it never
+        # waits for the audit writer's commit.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "broker_read_only"
+
+
+def read_only(session: Session) -> Session:
+    """Mark a fresh session as one that only reads, before its first statement; returns it.
+
+    On SQLite its transaction then begins DEFERRED instead of IMMEDIATE (no write lock). Should it
+    write after all, SQLite may refuse the lock upgrade under contention: an error, never a
+    silent write. No effect on PostgreSQL, where readers never wait for writers.
+    """
+    session.connection(execution_options={_READ_ONLY: True})
+    return session
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
