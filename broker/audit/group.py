@@ -252,7 +252,7 @@ class GroupCommitAuditSink:
                     if session.get_bind().dialect.name == "postgresql":
                         _copy_rows(session, plan.rows)
                     else:
-                        session.execute(insert(AuditEventRow.__table__), plan.rows)
+                        session.execute(_INSERT, plan.rows)
         except Exception as exc:
             self._drop_connection(broken=True)  # whatever state it is in, the next batch starts on a fresh one
             error = AuditWriteError(f"audit append failed: {type(exc).__name__}")
@@ -309,6 +309,8 @@ CONNECTION_RECHECK_S = 1.0
 """A writer connection idle longer than this is returned to the pool and the next batch checks one out anew."""
 
 _HEAD = AuditHead.__table__
+_INSERT = insert(AuditEventRow.__table__)
+"""Built once, so SQLAlchemy computes its cache key once (SQLite; PostgreSQL uses COPY)."""
 _CAS_SQL = {dialect: f"UPDATE {_HEAD.name} SET seq = {p}, hash = {p} WHERE id = {p} AND seq = {p} AND hash = {p}"
             for dialect, p in (("postgresql", "%s"), ("sqlite", "?"))}
 
