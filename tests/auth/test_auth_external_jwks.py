@@ -193,3 +193,18 @@ def test_jwks_must_come_over_https(url: str) -> None:
 
 def test_verifier_builds_its_jwks_client_from_settings(world: World, idp_key: BrokerKey) -> None:
     assert world.verifier.verify(sign(idp_claims(), idp_key)).client_id == "county-portal"
+
+
+def test_idp_tokens_are_signature_checked_every_time(verifier, idp_key: BrokerKey, monkeypatch) -> None:
+    """The IdP's keys can rotate: only the broker's own tokens are remembered."""
+    from broker.auth import _jose
+
+    v, _external = verifier
+    checks = []
+    real = _jose.signature_valid
+    monkeypatch.setattr(_jose, "signature_valid", lambda t, k: checks.append(t.token) or real(t, k))
+    token = sign(idp_claims(), idp_key, typ="JWT")
+    v.verify(token)
+    v.verify(token)
+    assert checks == [token, token]
+    assert not v._verified

@@ -299,3 +299,66 @@ def test_both_layers_refuse_algorithms_other_than_rs256_and_es256(world: World, 
     header = {"alg": alg, "kid": world.broker_key.kid}
     forged = _jose.UnverifiedJws(token=token, header=header, claims=claims())
     assert not _jose.signature_valid(forged, world.broker_key.verification_key())
+
+
+# --- The verified-token cache: header and signature checked once per token, claims every time ---
+
+
+@pytest.fixture
+def signature_checks(monkeypatch) -> list[str]:
+    """Every signature check the verifier makes, by token."""
+    from broker.auth import _jose
+
+    seen: list[str] = []
+    real = _jose.signature_valid
+
+    def counting(jws_value, key):  # type: ignore[no-untyped-def]
+        seen.append(jws_value.token)
+        return real(jws_value, key)
+
+    monkeypatch.setattr(_jose, "signature_valid", counting)
+    return seen
+
+
+def test_a_token_sent_again_is_not_signature_checked_again(world: World, signature_checks: list[str]) -> None:
+    token = forge(world)
+    for _ in range(3):
+        assert world.verifier.verify(token).sub == SENTINEL_SUB
+    assert signature_checks == [token]
+    head, payload, signature = token.split(".")
+    other = f"{head}.{payload}.{signature[:-2]}{'AA' if signature[-2:] != 'AA' else 'BB'}"
+    with pytest.raises(AuthError):  # the same claims under another signature are a new token
+        world.verifier.verify(other)
+    assert signature_checks == [token, other]
+    assert all(len(k) == 32 for k in world.verifier._verified)  # sha256 digests: no token is kept
+    assert token.encode() not in world.verifier._verified
+
+
+def test_a_remembered_token_still_expires_and_still_must_be_valid_yet(world: World) -> None:
+    t = _now()
+    token = forge(world, claims(t, exp=t + 60))
+    assert world.verifier.verify(token).sub == SENTINEL_SUB
+    with pytest.raises(AuthError) as late:
+        world.verifier.verify(token, now=datetime.fromtimestamp(t + 60 + SKEW, timezone.utc))
+    assert "expired" in late.value.description
+    with pytest.raises(AuthError):
+        world.verifier.verify(token, now=datetime.fromtimestamp(t - SKEW - 60, timezone.utc))  # before iat/nbf
+
+
+def test_a_refused_token_is_not_remembered(world: World, signature_checks: list[str]) -> None:
+    token = forge(world, claims(iss="https://elsewhere.example"))
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            world.verifier.verify(token)
+    assert signature_checks == [token, token]
+
+
+def test_the_cache_is_bounded(world: World, monkeypatch) -> None:
+    from broker.auth import tokens
+
+    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 2)
+    first, *rest = [forge(world) for _ in range(3)]
+    for token in (first, *rest):
+        world.verifier.verify(token)
+    assert len(world.verifier._verified) == 2
+    assert hashlib.sha256(first.encode()).digest() not in world.verifier._verified  # the oldest went first
