@@ -33,6 +33,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +228,19 @@ class GroupCommitAuditSink:
             except Exception:  # noqa: BLE001 - a connection being given up on may fail to close
                 pass
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A Core connection in a transaction, committed on leaving (no ORM Session: the writer
+        only runs Core statements, and a Session's bookkeeping was a visible part of a lone
+        request's cost)."""
+        conn = self._connection()
+        if conn is None:
+            with self._sessions.begin() as session:
+                yield session.connection()
+            return
+        with conn.begin():
+            yield conn
+
     def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for the whole batch; waiters are woken only after it committed.
 
@@ -237,22 +252,20 @@ class GroupCommitAuditSink:
         self.batches += 1
         known, self._head = self._head, None  # forgotten unless this commit succeeds
         try:
-            conn = self._connection()
-            with (self._sessions(bind=conn) if conn is not None else self._sessions()) as session, session.begin():
+            with self._transaction() as conn:
                 plan = None
                 if known is not None:
                     plan = _chain(batch, *known)
-                    if not _move_head(session, known, plan):
+                    if not _move_head(conn, known, plan):
                         plan = None
                 if plan is None:
-                    plan = _chain(batch, *_lock_head(session))
-                    session.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID)
-                                    .values(seq=plan.seq, hash=plan.prev))
+                    plan = _chain(batch, *_lock_head(conn))
+                    conn.execute(update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(seq=plan.seq, hash=plan.prev))
                 if plan.rows:
-                    if session.get_bind().dialect.name == "postgresql":
-                        _copy_rows(session, plan.rows)
+                    if conn.dialect.name == "postgresql":
+                        _copy_rows(conn, plan.rows)
                     else:
-                        session.execute(_INSERT, plan.rows)
+                        conn.execute(_INSERT, plan.rows)
         except Exception as exc:
             self._drop_connection(broken=True)  # whatever state it is in, the next batch starts on a fresh one
             error = AuditWriteError(f"audit append failed: {type(exc).__name__}")
@@ -315,16 +328,16 @@ _CAS_SQL = {dialect: f"UPDATE {_HEAD.name} SET seq = {p}, hash = {p} WHERE id = 
             for dialect, p in (("postgresql", "%s"), ("sqlite", "?"))}
 
 
-def _move_head(session: Session, known: tuple[int, str], plan: _Plan) -> bool:
+def _move_head(conn: Connection, known: tuple[int, str], plan: _Plan) -> bool:
     """Move the head from ``known`` to the plan's end if nobody else moved it; False if somebody did.
 
-    It is the batch's first statement, sent on the driver's own cursor (``session.connection()``
-    has begun the transaction: BEGIN IMMEDIATE on SQLite); building and compiling the
-    SQLAlchemy UPDATE cost ~10% of a lone request's time. PostgreSQL: the transaction's BEGIN and
-    the UPDATE go in one pipeline, one round trip.
+    It is the batch's first statement, sent on the driver's own cursor (``conn`` has begun the
+    transaction: BEGIN IMMEDIATE on SQLite); building and compiling the SQLAlchemy UPDATE cost
+    ~10% of a lone request's time. PostgreSQL: the transaction's BEGIN and the UPDATE go in one
+    pipeline, one round trip.
     """
-    dialect = session.get_bind().dialect.name
-    driver = session.connection().connection.driver_connection
+    dialect = conn.dialect.name
+    driver = conn.connection.driver_connection
     params = (plan.seq, plan.prev, HEAD_ID, known[0], known[1])
     if dialect == "postgresql":
         with driver.pipeline():
@@ -335,16 +348,18 @@ def _move_head(session: Session, known: tuple[int, str], plan: _Plan) -> bool:
         return cursor.rowcount == 1
     finally:
         cursor.close()
+
+
 _COPY_COLUMNS = tuple(c.name for c in AuditEventRow.__table__.columns)
 
 
-def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """PostgreSQL: COPY the batch in, inside the open transaction.
 
     psycopg's executemany sends one INSERT per row; COPY sends the batch as one stream, which
     is what lets a single writer keep up with many concurrent requests.
     """
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = conn.connection.driver_connection.cursor()
     with cursor.copy(f"COPY {AuditEventRow.__tablename__} ({', '.join(_COPY_COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row([row[c] for c in _COPY_COLUMNS])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Connection, Select, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,15 +118,17 @@ def _head_query() -> Select[tuple[int, str]]:
     return select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == HEAD_ID).with_for_update()
 
 
-def _lock_head(session: Session) -> tuple[int, str]:
+def _lock_head(session: Session | Connection) -> tuple[int, str]:
     """Lock the head row (creating it race-free on first use) and return its seq and hash.
 
     PostgreSQL: SELECT ... FOR UPDATE. SQLite renders no FOR UPDATE; its BEGIN IMMEDIATE
-    (see broker.store.db) already holds the database write lock.
+    (see broker.store.db) already holds the database write lock. Takes a Session or, from the
+    group commit writer, a Core Connection.
     """
     row = session.execute(_head_query()).one_or_none()
     if row is None:
-        insert = _INSERTS[session.get_bind().dialect.name]
+        dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
+        insert = _INSERTS[dialect.name]
         session.execute(insert(AuditHead).values(id=HEAD_ID, seq=0, hash=GENESIS_HASH)
                         .on_conflict_do_nothing(index_elements=[AuditHead.id]))
         row = session.execute(_head_query()).one()
