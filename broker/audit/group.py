@@ -93,7 +93,10 @@ class GroupCommitAuditSink:
                  max_wait_ms: float = 2.0) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError("max_batch must be positive and max_wait_ms not negative")
-        self._sessions = sessions
+        engine = sessions.kw.get("bind")
+        if not isinstance(engine, Engine):
+            raise TypeError("GroupCommitAuditSink needs a sessionmaker bound to an Engine")
+        self._engine = engine
         self._max_batch = max_batch
         self._max_wait = max_wait_ms / 1000.0
         self._cond = threading.Condition()
@@ -106,8 +109,6 @@ class GroupCommitAuditSink:
         self.events = 0
         """Events committed so far."""
         self._head: tuple[int, str] | None = None
-        bind = sessions.kw.get("bind")
-        self._engine = bind if isinstance(bind, Engine) else None
         self._conn: Connection | None = None  # the writer's own, between batches (writer thread only)
         self._conn_used = 0.0
 
@@ -202,13 +203,10 @@ class GroupCommitAuditSink:
             n = min(len(self._queue), self._max_batch)
             return [self._queue.popleft() for _ in range(n)]
 
-    def _connection(self) -> Connection | None:
+    def _connection(self) -> Connection:
         """The writer's connection: kept while batches follow each other, so that a busy writer
         does not pay the pool's liveness ping (a round trip) per batch; after a pause of
-        CONNECTION_RECHECK_S it goes back to the pool and a fresh checkout is pinged. None when
-        the sessionmaker is not bound to an Engine (then every batch takes a pooled session)."""
-        if self._engine is None:
-            return None
+        CONNECTION_RECHECK_S it goes back to the pool and a fresh checkout is pinged."""
         now = time.monotonic()
         if self._conn is not None and now - self._conn_used > CONNECTION_RECHECK_S:
             self._drop_connection()
@@ -234,10 +232,6 @@ class GroupCommitAuditSink:
         only runs Core statements, and a Session's bookkeeping was a visible part of a lone
         request's cost)."""
         conn = self._connection()
-        if conn is None:
-            with self._sessions.begin() as session:
-                yield session.connection()
-            return
         with conn.begin():
             yield conn
 

@@ -53,7 +53,7 @@ class SqlAuditSink:
             record = {k: v for k, v in event.items() if k != "hash"}
             columns = index_columns(record)
             with self._sessions.begin() as session:
-                seq, prev = _lock_head(session)
+                seq, prev = _lock_head(session.connection())
                 seq += 1
                 record["sequence"] = seq
                 record["previous_hash"] = prev
@@ -118,18 +118,16 @@ def _head_query() -> Select[tuple[int, str]]:
     return select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == HEAD_ID).with_for_update()
 
 
-def _lock_head(session: Session | Connection) -> tuple[int, str]:
+def _lock_head(conn: Connection) -> tuple[int, str]:
     """Lock the head row (creating it race-free on first use) and return its seq and hash.
 
     PostgreSQL: SELECT ... FOR UPDATE. SQLite renders no FOR UPDATE; its BEGIN IMMEDIATE
-    (see broker.store.db) already holds the database write lock. Takes a Session or, from the
-    group commit writer, a Core Connection.
+    (see broker.store.db) already holds the database write lock.
     """
-    row = session.execute(_head_query()).one_or_none()
+    row = conn.execute(_head_query()).one_or_none()
     if row is None:
-        dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
-        insert = _INSERTS[dialect.name]
-        session.execute(insert(AuditHead).values(id=HEAD_ID, seq=0, hash=GENESIS_HASH)
-                        .on_conflict_do_nothing(index_elements=[AuditHead.id]))
-        row = session.execute(_head_query()).one()
+        insert = _INSERTS[conn.dialect.name]
+        conn.execute(insert(AuditHead).values(id=HEAD_ID, seq=0, hash=GENESIS_HASH)
+                     .on_conflict_do_nothing(index_elements=[AuditHead.id]))
+        row = conn.execute(_head_query()).one()
     return int(row.seq), str(row.hash)
