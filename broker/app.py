@@ -212,6 +212,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.pipeline = Pipeline(runtime)
     app.state.policy_reloader = reloader
     install_handlers(app)
+    # The data routes first: Starlette tries routes in order, and the hot path should not be
+    # matched against every registry route before its own (no other route shares their paths).
+    app.include_router(fhir.router)
     app.include_router(health.router)
     app.include_router(oauth.router)
     app.include_router(registry_views.router)
@@ -222,7 +225,6 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.include_router(policy_admin.router)
     app.include_router(audit_api.router)
     app.include_router(audit_integrity.router)
-    app.include_router(fhir.router)
     app.add_middleware(InputLimits)  # inside BodyLimit, which bounds the bodies it reads
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_allow_origins:

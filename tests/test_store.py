@@ -45,9 +45,10 @@ def _hold_sqlite_write_lock(engine, holding, release):  # type: ignore[no-untype
         release.wait(30)
 
 
-def test_a_read_only_session_does_not_wait_for_the_sqlite_write_lock(tmp_path):
+def test_a_read_only_connection_does_not_wait_for_the_sqlite_write_lock(tmp_path):
     """The pipeline's context read begins DEFERRED: in WAL mode it reads while the audit writer
-    holds the write lock. A session that may write still begins IMMEDIATE and waits."""
+    holds the write lock, and so does a Session bound to it. A session that may write still
+    begins IMMEDIATE and waits."""
     import threading
     import time
 
@@ -68,8 +69,10 @@ def test_a_read_only_session_does_not_wait_for_the_sqlite_write_lock(tmp_path):
     try:
         assert holding.wait(30)
         began = time.monotonic()
-        with sessions() as session:
-            assert context_cache.read_generation(read_only(session)) == before  # the last committed value
+        with read_only(engine) as conn:
+            assert context_cache.read_generation(conn) == before  # the last committed value
+            with sessions(bind=conn) as session:  # how the pipeline resolves a context it has not kept
+                assert session.execute(text("SELECT value FROM registry_generation")).scalar_one() == before
         assert time.monotonic() - began < 1.0
         done = threading.Event()
 

@@ -304,9 +304,10 @@ class Pipeline:
                 return ctx, self.rt.grounds.resolve(session, ctx)
 
         def load() -> tuple[RequestContext, Grounds] | None:
-            with self.rt.sessions() as session:
-                read_only(session)
-                generation = context_cache.read_generation(session)  # first: what follows is at least as new
+            # A kept answer costs one Core query; a Session (its bookkeeping was a visible part of a
+            # request's cost) is opened only to resolve, on the same connection and snapshot.
+            with read_only(self.rt.engine) as conn:
+                generation = context_cache.read_generation(conn)  # first: what follows is at least as new
                 kept = self.contexts.get(key, generation, now)
                 if kept is not None:
                     if kept.value is None:
@@ -315,16 +316,20 @@ class Pipeline:
                     return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
                                           youth_id=youth_id, purpose=purpose, now=now, membership=membership,
                                           links=links), grounds
-                mdt = registry.load_mdt(session, mdt_id)
-                resolved = resolve(session, mdt)
-                # a refusal too ends at the youth's next stored instant (an order naming them that starts)
-                youth_id = mdt.youth_id if mdt is not None else None
-                until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
-                                                    now=now)
-                value = None if resolved is None else (youth_id, resolved[0].membership, resolved[0].links,
-                                                       resolved[1])
-                self.contexts.put(key, context_cache.Kept(generation=generation, until=until, value=value))
-                return resolved
+                with self.rt.sessions(bind=conn) as session:
+                    return resolve_and_keep(session, generation)
+
+        def resolve_and_keep(session: Any, generation: int | None) -> tuple[RequestContext, Grounds] | None:
+            mdt = registry.load_mdt(session, mdt_id)
+            resolved = resolve(session, mdt)
+            # a refusal too ends at the youth's next stored instant (an order naming them that starts)
+            youth_id = mdt.youth_id if mdt is not None else None
+            until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
+                                                now=now)
+            value = None if resolved is None else (youth_id, resolved[0].membership, resolved[0].links,
+                                                   resolved[1])
+            self.contexts.put(key, context_cache.Kept(generation=generation, until=until, value=value))
+            return resolved
 
         with stage_span("context"):
             loaded = await to_thread.run_sync(load)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, union_all
+from sqlalchemy import Connection, select, union_all
 from sqlalchemy.orm import Session
 
 from broker.store.db import as_utc
@@ -51,9 +51,9 @@ _GENERATION = select(RegistryGeneration.value).where(RegistryGeneration.id == 1)
 """Built once: SQLAlchemy keeps a statement's cache key on the object, so reusing it skips regenerating it per request."""
 
 
-def read_generation(session: Session) -> int | None:
+def read_generation(conn: Connection | Session) -> int | None:
     """The registry generation, or None if its row is missing (then nothing is kept)."""
-    return session.execute(_GENERATION).scalar_one_or_none()
+    return conn.execute(_GENERATION).scalar_one_or_none()
 
 
 def next_boundary(session: Session, *, youth_id: str | None, mdt_id: str, sub: str, now: datetime) -> datetime | None:

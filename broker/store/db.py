@@ -6,10 +6,12 @@ lock instead of failing on upgrade; WAL mode lets readers proceed meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -53,15 +55,19 @@ def _configure_sqlite(engine: Engine) -> None:
 _READ_ONLY = "broker_read_only"
 
 
-def read_only(session: Session) -> Session:
-    """Mark a fresh session as one that only reads, before its first statement; returns it.
+@contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """A connection whose transaction only reads; closed (its transaction rolled back) on leaving.
 
-    On SQLite its transaction then begins DEFERRED instead of IMMEDIATE (no write lock). Should it
-    write after all, SQLite may refuse the lock upgrade under contention: an error, never a
-    silent write. No effect on PostgreSQL, where readers never wait for writers.
+    On SQLite its transaction begins DEFERRED instead of IMMEDIATE (no write lock), so in WAL mode
+    it never waits for the audit writer's commit. Should it write after all, SQLite may refuse the
+    lock upgrade under contention: an error, never a silent write. No effect on PostgreSQL, where
+    readers never wait for writers. A Session that must read in the same snapshot binds to it:
+    ``sessions(bind=conn)``.
     """
-    session.connection(execution_options={_READ_ONLY: True})
-    return session
+    with engine.connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        yield conn
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

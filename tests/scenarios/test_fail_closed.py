@@ -17,14 +17,25 @@ def _boom(*_a, **_k):
     raise RuntimeError("injected failure with Testy Placeholder in the message")
 
 
-@pytest.mark.parametrize("stage", ["grounds", "decide", "classify", "label", "context"])
+class _NoConnections:
+    def connect(self, *_a, **_k):
+        raise RuntimeError("injected failure with Testy Placeholder in the message")
+
+
+@pytest.mark.parametrize("stage", ["grounds", "decide", "classify", "label", "context", "context-read"])
 async def test_a_failing_stage_releases_nothing(broker, monkeypatch, stage):
+    """``context`` and ``grounds``: resolving a context the cache may not use (the registry
+    changed) fails; ``context-read``: the read that every request makes, kept context or not, fails."""
     rt = broker.runtime
     target = {"grounds": (rt.grounds, "resolve"), "decide": (rt.policy, "decide"),
               "classify": (rt.classifier, "classify"), "label": (rt.labeller, "label"),
-              "context": (rt, "sessions")}[stage]
+              "context": (rt, "sessions"), "context-read": (rt, "engine")}[stage]
     token = await broker.token("mh")
-    monkeypatch.setattr(*target, _boom)
+    assert (await broker.get(PATH, token=token, purpose="TREAT")).status_code == 200  # its context is now kept
+    if stage in ("context", "grounds"):
+        with rt.engine.begin() as conn:  # any registry write: the kept context may no longer be used
+            conn.exec_driver_sql("UPDATE registry_generation SET value = value + 1")
+    monkeypatch.setattr(*target, _NoConnections() if stage == "context-read" else _boom)
     r = await broker.get(PATH, token=token, purpose="TREAT")
     assert r.status_code in (403, 503)
     assert r.json()["resourceType"] == "OperationOutcome"
