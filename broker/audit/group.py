@@ -25,11 +25,16 @@ Batching: the writer never waits for a batch to fill when nobody else is inside 
 lone caller pays no latency); while other callers are inside ``append`` but not yet queued (for
 example just woken by the previous commit), it waits up to ``max_wait_ms`` for them to queue.
 
+``append_async`` is the same for a coroutine: the caller awaits a future the writer resolves on
+the caller's event loop, so a request waiting for its commit holds no thread (at 32 concurrent
+requests, a worker thread blocked per request cost more than the waiting itself).
+
 ``close()`` refuses new appends, lets the writer commit everything already queued, and joins it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -69,17 +74,41 @@ class _Pending:
     error: AuditWriteError | None = None
     finished: bool = False
     """Set (by the writer only) once outcome or error is final."""
-    _latch: Any = field(default_factory=_held_lock)
-    """Held until finish(): the caller blocks acquiring it (cheaper than a threading.Event)."""
+    _latch: Any = None
+    """A thread caller's: held until finish(), the caller blocks acquiring it (cheaper than a threading.Event)."""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _future: asyncio.Future[None] | None = None
+    """A coroutine caller's: resolved on its loop by finish()."""
+
+    @classmethod
+    def for_thread(cls, record: dict[str, Any], stdlib: bool, columns: dict[str, Any]) -> _Pending:
+        return cls(record, stdlib, columns, _latch=_held_lock())
+
+    @classmethod
+    def for_loop(cls, record: dict[str, Any], stdlib: bool, columns: dict[str, Any]) -> _Pending:
+        loop = asyncio.get_running_loop()
+        return cls(record, stdlib, columns, _loop=loop, _future=loop.create_future())
 
     def wait(self) -> None:
         self._latch.acquire()
 
     def finish(self) -> None:
         """Wake the caller, once; called by the writer thread alone."""
-        if not self.finished:
-            self.finished = True
+        if self.finished:
+            return
+        self.finished = True
+        if self._future is None:
             self._latch.release()
+            return
+        try:
+            self._loop.call_soon_threadsafe(_resolve, self._future)
+        except RuntimeError:  # the caller's loop is closed: nobody is left to wake
+            pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the awaiting task may have been cancelled
+        future.set_result(None)
 
 
 class GroupCommitAuditSink:
@@ -114,6 +143,27 @@ class GroupCommitAuditSink:
 
     def append(self, event: dict[str, Any]) -> AuditOutcome:
         """Chain and commit ``event``; blocks until its batch is committed, else AuditWriteError."""
+        pending = self._enqueue(event, _Pending.for_thread)
+        try:
+            pending.wait()
+        finally:
+            self._leave()
+        return self._result(event, pending)
+
+    async def append_async(self, event: dict[str, Any]) -> AuditOutcome:
+        """``append`` for a coroutine: awaits the commit on the running loop, holding no thread.
+
+        If the awaiting task is cancelled, the event is still committed (or refused) with its
+        batch; only the answer is lost.
+        """
+        pending = self._enqueue(event, _Pending.for_loop)
+        try:
+            await pending._future
+        finally:
+            self._leave()
+        return self._result(event, pending)
+
+    def _enqueue(self, event: dict[str, Any], make: Any) -> _Pending:
         try:
             record = {k: v for k, v in event.items() if k != "hash"}
             columns = index_columns(record)
@@ -124,7 +174,7 @@ class GroupCommitAuditSink:
             reduced, stdlib = reduce(record)
         except Exception as exc:
             raise AuditWriteError(f"audit append failed: {type(exc).__name__}") from exc
-        pending = _Pending(reduced, stdlib, columns)
+        pending = make(reduced, stdlib, columns)
         with self._cond:
             if self._closed:
                 raise AuditWriteError("audit append failed: sink closed")
@@ -137,13 +187,17 @@ class GroupCommitAuditSink:
             # leaves "queue < inside" as it was): waking it for every caller cost more than the rest.
             if len(self._queue) == 1 or len(self._queue) >= self._max_batch:
                 self._cond.notify()
-        try:
-            pending.wait()
-        finally:
-            with self._cond:
-                self._inside -= 1
-                if self._queue and len(self._queue) >= self._inside:
-                    self._cond.notify()
+        return pending
+
+    def _leave(self) -> None:
+        """The caller is done waiting: the writer need not wait for it to queue again."""
+        with self._cond:
+            self._inside -= 1
+            if self._queue and len(self._queue) >= self._inside:
+                self._cond.notify()
+
+    @staticmethod
+    def _result(event: dict[str, Any], pending: _Pending) -> AuditOutcome:
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None

@@ -24,8 +24,8 @@ class AuditWriteError(Exception):
 class AuditSink(Protocol):
     """Where the pipeline records each decision before it responds.
 
-    ``append`` is synchronous (blocking: async code calls it from a worker thread) and safe
-    to call from many threads at once. When it returns,
+    ``append`` is synchronous (blocking: async code awaits it through ``append_async`` below) and
+    safe to call from many threads at once. When it returns,
     the event is committed durably and chained; on any failure it raises AuditWriteError and
     nothing of the event is stored. On success it adds ``sequence`` and ``previous_hash`` to
     the caller's dict (and changes nothing else in it).
@@ -34,6 +34,17 @@ class AuditSink(Protocol):
     def append(self, event: dict[str, Any]) -> AuditOutcome:
         """Commit ``event`` as the next link of the chain."""
         ...
+
+
+async def append_async(sink: AuditSink, event: dict[str, Any]) -> AuditOutcome:
+    """Await ``sink.append(event)``: on the running loop when the sink has its own ``append_async``
+    (GroupCommitAuditSink: the request holds no thread while its batch commits), else in a worker thread."""
+    native = getattr(sink, "append_async", None)
+    if native is not None:
+        return await native(event)
+    from anyio import to_thread
+
+    return await to_thread.run_sync(sink.append, event)
 
 
 class SqlAuditSink:

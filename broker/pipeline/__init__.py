@@ -25,6 +25,7 @@ from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
 
+from broker.audit.sink import append_async
 from broker.domain import DecisionSet, Principal, RequestContext
 from broker.grounds import Grounds, has_court_order
 from broker.errors import (
@@ -125,7 +126,7 @@ class Pipeline:
         with stage_span("audit"):
             try:
                 event = ex.audit_event(response.status_code)
-                outcome = await to_thread.run_sync(self.rt.audit.append, event)
+                outcome = await append_async(self.rt.audit, event)
             except Exception as err:
                 log.error("audit_write_failed", error_type=type(err).__name__, request_id=ex.request_id)
                 return outcome_response(503, "transient", "the broker could not record this request; "

@@ -270,3 +270,104 @@ def test_after_a_pause_the_writer_checks_out_a_pinged_connection(db, monkeypatch
     sink.close()
     assert [o.sequence for o in outcomes] == [2, 3, 4]
     assert verify_chain(db.sessions).ok
+
+
+# ---- append_async: the same contract for coroutines, on the caller's loop ---------------------------
+
+async def _gather_async(sink: GroupCommitAuditSink, events: list[dict], *, engine=None) -> list:
+    """append_async every event as its own task on this loop; each result is an outcome or the error.
+
+    With ``engine``, the head is locked until every task has queued, so they share batches.
+    """
+    import asyncio
+
+    release, holding = threading.Event(), threading.Event()
+
+    def hold_head() -> None:
+        with engine.begin() as conn:
+            conn.execute(select(AuditHead.seq).with_for_update())
+            holding.set()
+            release.wait(30)
+
+    holder = None
+    if engine is not None:
+        holder = threading.Thread(target=hold_head)
+        holder.start()
+        assert await asyncio.to_thread(holding.wait, 30)
+    tasks = [asyncio.create_task(sink.append_async(e)) for e in events]
+    if holder is not None:
+        deadline = time.monotonic() + 30
+        while sink._inside < len(events) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+    return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+
+
+async def test_async_appends_share_batches_and_make_the_chain_thread_callers_make(db):
+    sink = GroupCommitAuditSink(db.sessions, max_wait_ms=50)
+    events = [make_event(i) for i in range(1, 41)]
+    outcomes = await _gather_async(sink, events, engine=db.engine)
+    # thread callers and coroutine callers at once, on one chain
+    mixed = [make_event(i) for i in range(41, 61)]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        threaded = [pool.submit(sink.append, e) for e in mixed[:10]]
+        awaited = await _gather_async(sink, mixed[10:])
+        threaded = [f.result(timeout=60) for f in threaded]
+    sink.close()
+
+    assert sorted(o.sequence for o in outcomes) == list(range(1, 41))
+    assert all(e["sequence"] == o.sequence for e, o in zip(events, outcomes))  # the caller's dict, as append
+    assert sorted(o.sequence for o in [*threaded, *awaited]) == list(range(41, 61))
+    assert sink.batches < 60 and sink._inside == 0
+    report = verify_chain(db.sessions)
+    assert report.ok and report.count == 60, report
+
+
+async def test_a_failed_batch_fails_every_async_waiter_and_writes_nothing(db):
+    sink = GroupCommitAuditSink(db.sessions, max_wait_ms=5000)
+    first = await sink.append_async(make_event(0))
+    with db.engine.begin() as conn:
+        for statement in _HEAD_TRIGGER[db.backend]:
+            conn.execute(text(statement))
+    events = [make_event(i) for i in range(1, 9)]
+    results = await _gather_async(sink, events, engine=db.engine)
+    assert all(isinstance(r, AuditWriteError) for r in results), results
+    assert all("sequence" not in e for e in events)
+    assert _count(db.sessions) == 1 and _head(db.sessions) == (1, first.hash)
+    with pytest.raises(AuditWriteError):  # an event that cannot be stored is refused before it is queued
+        await sink.append_async(make_event(9, **UNSTORABLE[0]))
+    sink.close()
+    with pytest.raises(AuditWriteError):
+        await sink.append_async(make_event(10))
+    assert sink._inside == 0
+
+
+async def test_a_cancelled_async_caller_is_still_audited(db):
+    import asyncio
+
+    sink = GroupCommitAuditSink(db.sessions)
+    release, holding = threading.Event(), threading.Event()
+
+    def hold_head() -> None:
+        with db.engine.begin() as conn:
+            conn.execute(select(AuditHead.seq).with_for_update())
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_head)
+    holder.start()
+    assert await asyncio.to_thread(holding.wait, 30)
+    cancelled = asyncio.create_task(sink.append_async(make_event(1)))
+    deadline = time.monotonic() + 30
+    while sink._inside < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    release.set()
+    await asyncio.to_thread(holder.join, 30)
+    after = await asyncio.wait_for(sink.append_async(make_event(2)), 60)  # the writer went on, chained after it
+    sink.close()
+    assert after.sequence == 2 and _count(db.sessions) == 2 and sink._inside == 0
+    assert verify_chain(db.sessions).ok

@@ -39,10 +39,10 @@ async def test_everything_withheld_is_indistinguishable_from_no_records(broker, 
 async def test_audit_failure_means_503_and_nothing_released(broker, monkeypatch):
     token = await broker.token("mh")
 
-    def broken(_event):
+    async def broken(_event):
         raise AuditWriteError("disk full")
 
-    monkeypatch.setattr(broker.runtime.audit, "append", broken)
+    monkeypatch.setattr(broker.runtime.audit, "append_async", broken)  # what the pipeline awaits
     r = await broker.get("/mdts/mdt-alpha/fhir/Observation", token=token, purpose="TREAT")
     assert r.status_code == 503
     body = r.json()

@@ -707,7 +707,7 @@ async def _drive(c: Caller, runtime: Any, monkeypatch: pytest.MonkeyPatch) -> li
         m.setattr(ContextCache, "get", lambda *_a: None)  # resolve afresh, so the fault is reached
         await _ok(c, "GET", f"{base}/Observation", 503, alias="mh", purpose="TREAT")
     with monkeypatch.context() as m:
-        m.setattr(runtime.audit, "append", leaky)
+        m.setattr(runtime.audit, "append_async", leaky)
         await _ok(c, "GET", f"{base}/Observation", 503, alias="mh", purpose="TREAT")
 
     # the roster and links change
