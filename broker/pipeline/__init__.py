@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
@@ -69,6 +69,15 @@ class Pipeline:
         self.rt = runtime
         self.limits = RateLimits.from_settings(runtime.settings)
         self.contexts = context_cache.ContextCache(runtime.settings.context_cache_size)
+        self._reads: CapacityLimiter | None = None
+
+    def _read_slots(self) -> CapacityLimiter:
+        """Worker threads reading the registry at once: as many as the engine's pool keeps open,
+        so that under load no thread waits for a connection and none is opened only to be closed."""
+        if self._reads is None:
+            size = getattr(self.rt.engine.pool, "size", None)  # a QueuePool's; other pools have no fixed size
+            self._reads = CapacityLimiter(max(1, size()) if callable(size) else DEFAULT_READ_SLOTS)
+        return self._reads
 
     # ---- the frame every audited request runs in -------------------------------------
 
@@ -333,7 +342,7 @@ class Pipeline:
             return resolved
 
         with stage_span("context"):
-            loaded = await to_thread.run_sync(load)
+            loaded = await to_thread.run_sync(load, limiter=self._read_slots())
         if loaded is None:
             raise Forbidden(NO_ACCESS)
         ctx, grounds = loaded
@@ -599,6 +608,7 @@ async def parse_json(request: Request) -> dict:
     return data
 
 
+DEFAULT_READ_SLOTS = 10
 MAX_PAGE_ROUNDS = 12  # a source that keeps returning exactly what it was asked for is taken at its word
 
 

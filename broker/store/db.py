@@ -27,7 +27,10 @@ def as_utc(value: datetime | None) -> datetime | None:
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     """Create an engine configured for safe concurrent use on either backend."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # Sized like PostgreSQL's: SQLAlchemy's default (5 + 10 overflow) closed and reopened an
+        # overflow connection per request under concurrent load.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=pool_size, max_overflow=pool_size)
         _configure_sqlite(engine)
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
