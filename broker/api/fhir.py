@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
-from broker.api.deps import PipelineDep, RuntimeDep
+from broker.api.deps import RuntimeDep, get_pipeline
 from broker.errors import FHIR_JSON
 from broker.pipeline.search_params import DATE_VALUE, RESOURCE_ID, SORT_VALUES, TOKEN_VALUE
 
@@ -15,6 +15,11 @@ router = APIRouter(tags=["fhir"])
 
 PURPOSE_DOC = ("HL7 PurposeOfUse code (v3-ActReason, e.g. TREAT, COC) or CHILDPROT; required here or as the "
                "token's purpose_of_use claim")
+# The pipeline reads the header itself; it is documented here rather than declared as a parameter,
+# which FastAPI would resolve (and find nothing to validate) on every request of the hot path.
+PURPOSE_PARAMETER = {"name": "x-purpose-of-use", "in": "header", "required": False, "description": PURPOSE_DOC,
+                     "schema": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": PURPOSE_DOC,
+                                "title": "X-Purpose-Of-Use"}}
 MdtId = Annotated[str, Path(max_length=64)]
 ResourceType = Annotated[str, Path(max_length=64)]
 _ONE = "; a comma-separated list (up to 20 values) or the parameter repeated means any of them"
@@ -72,30 +77,34 @@ async def capability_statement(runtime: RuntimeDep) -> Response:
 
 
 @router.get("/mdts/{mdt_id}/fhir/{resource_type}", responses=_ok("A searchset Bundle", None, **_bundle("searchset")),
-            openapi_extra={"parameters": SEARCH_PARAMETERS})
-async def fhir_search(request: Request, mdt_id: MdtId, resource_type: ResourceType, pipeline: PipelineDep,
-                      x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
+            openapi_extra={"parameters": [PURPOSE_PARAMETER, *SEARCH_PARAMETERS]})
+async def fhir_search(request: Request, mdt_id: MdtId, resource_type: ResourceType) -> Response:
     """Search one resource type across the youth's sources; only what policy releases, labelled."""
-    return await pipeline.fhir_search(request, mdt_id=mdt_id, resource_type=resource_type)
+    return await _pipeline(request).fhir_search(request, mdt_id=mdt_id, resource_type=resource_type)
 
 
 @router.get("/mdts/{mdt_id}/fhir/{resource_type}/{resource_id}",
-            responses={**_ok("The resource", None), 404: {"description": "OperationOutcome: no such resource, or withheld"}})
+            responses={**_ok("The resource", None), 404: {"description": "OperationOutcome: no such resource, or withheld"}},
+            openapi_extra={"parameters": [PURPOSE_PARAMETER]})
 async def fhir_read(request: Request, mdt_id: MdtId, resource_type: ResourceType,
-                    resource_id: Annotated[str, Path(max_length=64)], pipeline: PipelineDep,
-                    x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
+                    resource_id: Annotated[str, Path(max_length=64)]) -> Response:
     """Read one resource; a withheld resource and a missing one get the same 404."""
-    return await pipeline.fhir_read(request, mdt_id=mdt_id, resource_type=resource_type, resource_id=resource_id)
+    return await _pipeline(request).fhir_read(request, mdt_id=mdt_id, resource_type=resource_type,
+                                              resource_id=resource_id)
 
 
 @router.get("/mdts/{mdt_id}/record", responses=_ok("A collection Bundle", None, **_bundle("collection")),
-            tags=["record"])
-async def record(request: Request, mdt_id: MdtId, pipeline: PipelineDep,
-                 x_purpose_of_use: Annotated[str | None, Header(description=PURPOSE_DOC)] = None) -> Response:
+            tags=["record"], openapi_extra={"parameters": [PURPOSE_PARAMETER]})
+async def record(request: Request, mdt_id: MdtId) -> Response:
     """Everything the requester may see about the youth, from every source, in one collection Bundle.
 
     Entries are grouped by category (``record-category`` extension on each entry); the last entry
     is an OperationOutcome with one issue per configured source (ok / unavailable / timeout).
     Sources are asked in parallel, each under its own timeout and circuit breaker.
     """
-    return await pipeline.record(request, mdt_id=mdt_id)
+    return await _pipeline(request).record(request, mdt_id=mdt_id)
+
+
+def _pipeline(request: Request):  # type: ignore[no-untyped-def]
+    """The app's pipeline (what ``PipelineDep`` gives other routes, without a dependency to resolve)."""
+    return get_pipeline(request)
