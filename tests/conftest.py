@@ -63,3 +63,16 @@ def synthetic_pg(pg_server: PostgresServer) -> dict[str, str]:
     urls = {source: pg_server.create_database() for source in synthetic.SOURCES}
     synthetic.build(urls)
     return urls
+
+
+@pytest.fixture(autouse=True)
+def _collector_as_found() -> Iterator[None]:
+    """``broker serve`` and ``broker demo`` tune the cyclic collector for the process they serve in
+    (broker.cli.tune_gc_for_serving); a test that runs them in this process gets it back as it was."""
+    import gc
+
+    before = gc.get_threshold()
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    gc.set_threshold(*before)
