@@ -203,6 +203,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             await stop()
             await stop_checkpoints()  # the final checkpoint, before the engine is disposed
+            _app.state.pipeline.close()
             await runtime.aclose()
 
     app = FastAPI(title="mdt-broker", version=__version__, lifespan=lifespan,

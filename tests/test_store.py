@@ -46,9 +46,9 @@ def _hold_sqlite_write_lock(engine, holding, release):  # type: ignore[no-untype
 
 
 def test_a_read_only_connection_does_not_wait_for_the_sqlite_write_lock(tmp_path):
-    """The pipeline's context read begins DEFERRED: in WAL mode it reads while the audit writer
-    holds the write lock, and so does a Session bound to it. A session that may write still
-    begins IMMEDIATE and waits."""
+    """The pipeline's context reads begin DEFERRED: in WAL mode they read while the audit writer
+    holds the write lock, and so does a Session bound to such a connection; so does the inline
+    generation read on the event loop. A session that may write still begins IMMEDIATE and waits."""
     import threading
     import time
 
@@ -61,16 +61,18 @@ def test_a_read_only_connection_does_not_wait_for_the_sqlite_write_lock(tmp_path
     upgrade(url)
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
-    with sessions() as session:
-        before = context_cache.read_generation(session)
+    before = context_cache.read_generation(engine)
+    inline = context_cache.InlineGeneration.for_engine(engine)
+    assert inline is not None and inline.read() == before
     holding, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=_hold_sqlite_write_lock, args=(engine, holding, release))
     holder.start()
     try:
         assert holding.wait(30)
         began = time.monotonic()
+        assert inline.read() == before  # the last committed value, without waiting
+        assert context_cache.read_generation(engine) == before
         with read_only(engine) as conn:
-            assert context_cache.read_generation(conn) == before  # the last committed value
             with sessions(bind=conn) as session:  # how the pipeline resolves a context it has not kept
                 assert session.execute(text("SELECT value FROM registry_generation")).scalar_one() == before
         assert time.monotonic() - began < 1.0
@@ -87,7 +89,54 @@ def test_a_read_only_connection_does_not_wait_for_the_sqlite_write_lock(tmp_path
         release.set()
         assert done.wait(30)
         writer.join(30)
+        assert inline.read() == before + 1 == context_cache.read_generation(engine)  # the holder's commit
     finally:
         release.set()
         holder.join(30)
+        inline.close()
         engine.dispose()
+
+
+def test_the_inline_generation_read_is_for_sqlite_files_only_and_gives_way_when_it_cannot_read(tmp_path):
+    from sqlalchemy import create_engine
+
+    from broker.pipeline import context_cache
+
+    assert context_cache.InlineGeneration.for_engine(create_engine("sqlite://")) is None  # :memory:
+    assert context_cache.InlineGeneration.for_engine(
+        create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")) is None
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    inline = context_cache.InlineGeneration.for_engine(engine)
+    generation = inline.read()
+    assert isinstance(generation, int)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM registry_generation")
+    assert inline.read() is context_cache.UNREAD  # no row: the caller reads the pooled way (None: keep nothing)
+    assert context_cache.read_generation(engine) is None
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE registry_generation")
+    assert inline.read() is context_cache.UNREAD  # an error is not raised here: the pooled read's is the request's
+    with pytest.raises(Exception):
+        context_cache.read_generation(engine)
+    inline.close()
+    engine.dispose()
+
+
+def test_the_inline_generation_connection_cannot_write(tmp_path):
+    import sqlite3
+
+    from broker.pipeline import context_cache
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    inline = context_cache.InlineGeneration.for_engine(engine)
+    assert isinstance(inline.read(), int)
+    with pytest.raises(sqlite3.OperationalError):
+        inline._conn.execute("UPDATE registry_generation SET value = value + 1")
+    inline.close()
+    engine.dispose()
+def _query_only_write(inline) -> None:  # type: ignore[no-untyped-def]
+    inline._conn.execute("CREATE TABLE nope (x)")

@@ -70,6 +70,20 @@ class Pipeline:
         self.limits = RateLimits.from_settings(runtime.settings)
         self.contexts = context_cache.ContextCache(runtime.settings.context_cache_size)
         self._reads: CapacityLimiter | None = None
+        self._inline = context_cache.InlineGeneration.for_engine(runtime.engine)
+
+    async def _generation(self) -> int | None:
+        """The registry generation: on the event loop for a SQLite file, else in a worker thread."""
+        if self._inline is not None:
+            value = self._inline.read()
+            if value is not context_cache.UNREAD:
+                return value
+        return await to_thread.run_sync(context_cache.read_generation, self.rt.engine, limiter=self._read_slots())
+
+    def close(self) -> None:
+        """Release what the pipeline holds open itself (the inline generation reader's connection)."""
+        if self._inline is not None:
+            self._inline.close()
 
     def _read_slots(self) -> CapacityLimiter:
         """Worker threads reading the registry at once: as many as the engine's pool keeps open,
@@ -313,36 +327,32 @@ class Pipeline:
             with stage_span("grounds"):
                 return ctx, self.rt.grounds.resolve(session, ctx)
 
-        def load() -> tuple[RequestContext, Grounds] | None:
-            # A kept answer costs one Core query; a Session (its bookkeeping was a visible part of a
-            # request's cost) is opened only to resolve, on the same connection and snapshot.
-            with read_only(self.rt.engine) as conn:
-                generation = context_cache.read_generation(conn)  # first: what follows is at least as new
-                kept = self.contexts.get(key, generation, now)
-                if kept is not None:
-                    if kept.value is None:
-                        return None
-                    youth_id, membership, links, grounds = kept.value
-                    return RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
-                                          youth_id=youth_id, purpose=purpose, now=now, membership=membership,
-                                          links=links), grounds
-                with self.rt.sessions(bind=conn) as session:
-                    return resolve_and_keep(session, generation)
-
-        def resolve_and_keep(session: Any, generation: int | None) -> tuple[RequestContext, Grounds] | None:
-            mdt = registry.load_mdt(session, mdt_id)
-            resolved = resolve(session, mdt)
-            # a refusal too ends at the youth's next stored instant (an order naming them that starts)
-            youth_id = mdt.youth_id if mdt is not None else None
-            until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
-                                                now=now)
+        def resolve_and_keep(generation: int | None) -> tuple[RequestContext, Grounds] | None:
+            # Read after the generation, so at least as new as what it says; kept under it.
+            with read_only(self.rt.engine) as conn, self.rt.sessions(bind=conn) as session:
+                mdt = registry.load_mdt(session, mdt_id)
+                resolved = resolve(session, mdt)
+                # a refusal too ends at the youth's next stored instant (an order naming them that starts)
+                youth_id = mdt.youth_id if mdt is not None else None
+                until = context_cache.next_boundary(session, youth_id=youth_id, mdt_id=mdt_id, sub=principal.sub,
+                                                    now=now)
             value = None if resolved is None else (youth_id, resolved[0].membership, resolved[0].links,
                                                    resolved[1])
             self.contexts.put(key, context_cache.Kept(generation=generation, until=until, value=value))
             return resolved
 
         with stage_span("context"):
-            loaded = await to_thread.run_sync(load, limiter=self._read_slots())
+            generation = await self._generation()  # first: what follows is at least as new
+            kept = self.contexts.get(key, generation, now)
+            if kept is not None:
+                loaded = None
+                if kept.value is not None:
+                    youth_id, membership, links, grounds = kept.value
+                    loaded = RequestContext(request_id=ex.request_id, principal=principal, mdt_id=mdt_id,
+                                            youth_id=youth_id, purpose=purpose, now=now, membership=membership,
+                                            links=links), grounds
+            else:
+                loaded = await to_thread.run_sync(resolve_and_keep, generation, limiter=self._read_slots())
         if loaded is None:
             raise Forbidden(NO_ACCESS)
         ctx, grounds = loaded

@@ -21,20 +21,30 @@ class _NoConnections:
     def connect(self, *_a, **_k):
         raise RuntimeError("injected failure with Testy Placeholder in the message")
 
+    raw_connection = connect
 
-@pytest.mark.parametrize("stage", ["grounds", "decide", "classify", "label", "context", "context-read"])
+
+@pytest.mark.parametrize("stage", ["grounds", "decide", "classify", "label", "context", "context-read",
+                                   "context-read-inline"])
 async def test_a_failing_stage_releases_nothing(broker, monkeypatch, stage):
     """``context`` and ``grounds``: resolving a context the cache may not use (the registry
-    changed) fails; ``context-read``: the read that every request makes, kept context or not, fails."""
+    changed) fails; ``context-read``: the generation read every request makes, kept context or
+    not, cannot be made on the event loop and fails in the worker thread;
+    ``context-read-inline``: the read on the event loop itself raises."""
+    from broker.pipeline.context_cache import UNREAD, InlineGeneration
+
     rt = broker.runtime
     target = {"grounds": (rt.grounds, "resolve"), "decide": (rt.policy, "decide"),
               "classify": (rt.classifier, "classify"), "label": (rt.labeller, "label"),
-              "context": (rt, "sessions"), "context-read": (rt, "engine")}[stage]
+              "context": (rt, "sessions"), "context-read": (rt, "engine"),
+              "context-read-inline": (InlineGeneration, "read")}[stage]
     token = await broker.token("mh")
     assert (await broker.get(PATH, token=token, purpose="TREAT")).status_code == 200  # its context is now kept
     if stage in ("context", "grounds"):
         with rt.engine.begin() as conn:  # any registry write: the kept context may no longer be used
             conn.exec_driver_sql("UPDATE registry_generation SET value = value + 1")
+    if stage == "context-read":
+        monkeypatch.setattr(InlineGeneration, "read", lambda _self: UNREAD)
     monkeypatch.setattr(*target, _NoConnections() if stage == "context-read" else _boom)
     r = await broker.get(PATH, token=token, purpose="TREAT")
     assert r.status_code in (403, 503)
