@@ -40,6 +40,11 @@ _ACCEPT = {"Accept": "application/fhir+json"}
 class FhirConnector:
     """A FHIR R4 source reached with one shared aiohttp session."""
 
+    fresh_results = True
+    """``search`` and ``read`` return objects parsed from that call's response and kept nowhere,
+    sharing nothing with any other call: the pipeline redacts and labels them in place instead of
+    copying them first (tests/connectors/test_contract.py holds every connector claiming this to it)."""
+
     def __init__(
         self,
         name: str,

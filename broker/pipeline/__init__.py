@@ -225,11 +225,11 @@ class Pipeline:
         page, page_categories = self._label(ex, outcome.released)
         return self._bundle(request, ex, resource_type, search, page, page_categories, has_more=has_more)
 
-    def _classify(self, items: Any, allowed: frozenset[str]) -> FilterOutcome:
-        """Classify, drop and redact (on copies)."""
+    def _classify(self, items: Any, allowed: frozenset[str], *, fresh: bool = False) -> FilterOutcome:
+        """Classify, drop and redact (on copies, unless the items are ``fresh``: the caller's alone)."""
         with stage_span("filter"):
             return filter_resources(items, classify=self.rt.classifier.classify, allowed=allowed,
-                                    known=self.rt.category_set)
+                                    known=self.rt.category_set, fresh=fresh)
 
     async def _release(self, ex: Exchange, decisions: DecisionSet, grounds: Grounds,
                        outcome: FilterOutcome) -> FilterOutcome:
@@ -503,7 +503,9 @@ class Pipeline:
                     _set_status(span, status)
             found = found or []
             defaults = connector.default_categories
-            return status, len(found), self._classify(((r, patient_id, defaults) for r in found), allowed)
+            fresh = getattr(connector, "fresh_results", False) is True  # a connector's own claim, opt-in
+            return status, len(found), self._classify(((r, patient_id, defaults) for r in found), allowed,
+                                                      fresh=fresh)
 
         results = await asyncio.gather(*(one(c, pid, fetch) for c, pid, fetch in jobs))
         if note:

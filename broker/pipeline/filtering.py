@@ -2,7 +2,8 @@
 
 An item is released only if it provably belongs to the youth and every category it
 carries is allowed. Everything is deep-copied first so that a connector's cache is
-never mutated.
+never mutated, unless the connector declares ``fresh_results`` (its items were built for
+this call alone and share nothing), in which case they are redacted and labelled in place.
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ def filter_resources(
     classify: Callable[[dict, frozenset[str]], frozenset[str]],
     allowed: frozenset[str],
     known: frozenset[str] = frozenset(),
+    fresh: bool = False,
 ) -> FilterOutcome:
     """Release (deep copies of) items whose categories are all allowed, minus labelled elements that are not.
 
     ``items`` yields (resource, source patient id, source default categories). ``known`` is
     the vocabulary's categories (an element labelled with anything else is removed). A
     labelled element that stays adds its category to the item's, so it is labelled too.
+    ``fresh``: the items are the caller's alone (see the module docstring), released as they
+    are instead of copied.
     """
     out = FilterOutcome()
     for resource, patient_id, defaults in items:
@@ -68,7 +72,7 @@ def filter_resources(
         if not categories or not categories <= allowed:
             out.withheld_categories.update(categories - allowed)
             continue
-        released, labelled = _copy(resource)
+        released, labelled = _own(resource) if fresh else _copy(resource)
         paths: list[str] = []
         if labelled:
             redaction = redact_labelled_elements(released, allowed, known)
@@ -101,3 +105,11 @@ def _copy(resource: dict) -> tuple[dict, bool]:
     except (orjson.JSONEncodeError, TypeError):
         return copy.deepcopy(resource), True
     return orjson.loads(text), _LABEL_MARK in text
+
+
+def _own(resource: dict) -> tuple[dict, bool]:
+    """A fresh item itself, and whether it may carry inline security labels (as ``_copy`` tells)."""
+    try:
+        return resource, _LABEL_MARK in orjson.dumps(resource)
+    except (orjson.JSONEncodeError, TypeError):
+        return resource, True

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CONFIDENTIALITY_ORDER = ("U", "L", "M", "N", "R", "V")
+MAX_REMEMBERED_SETS = 4096
+"""Category sets whose labels a Labeller remembers (each is a few short tuples); beyond it, computed each time."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Labeller:
         self._obl_system = obligation_system
         self._local_system = local_system
         self._text = obligation_text
+        self._wanted: dict[frozenset[str], tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {}
+        """Per category set: the (system, code) labels its items carry and their obligations."""
 
     def _coding(self, code: str, default_system: str) -> dict:
         if code.startswith("local:"):
@@ -49,20 +53,35 @@ class Labeller:
             obl.update(spec.obligations)
         return conf, tuple(sorted(sens)), tuple(sorted(obl))
 
+    def _labels_for(self, categories: frozenset[str]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """(system, code) of every label items of these categories carry, and their obligations.
+
+        Remembered per category set (a release has a handful), so each item costs only the copy.
+        """
+        if not isinstance(categories, frozenset):
+            categories = frozenset(categories)
+        found = self._wanted.get(categories)
+        if found is None:
+            conf, sens, obl = self.summarize(categories)
+            codings = [{"system": self._conf_system, "code": conf}]
+            codings += [self._coding(c, self._sens_system) for c in sens]
+            codings += [self._coding(c, self._obl_system) for c in obl]
+            found = (tuple((c["system"], c["code"]) for c in codings), obl)
+            if len(self._wanted) < MAX_REMEMBERED_SETS:
+                self._wanted[categories] = found
+        return found
+
     def label(self, resource: dict, categories: frozenset[str]) -> tuple[str, ...]:
         """Add labels to a (copied) resource in place; return its obligation codes."""
-        conf, sens, obl = self.summarize(categories)
+        wanted, obl = self._labels_for(categories)
         meta = resource.setdefault("meta", {})
         security = [s for s in meta.get("security", []) if isinstance(s, dict)
                     and s.get("system") != self._conf_system]
         have = {(s.get("system"), s.get("code")) for s in security}
-        wanted = [{"system": self._conf_system, "code": conf}]
-        wanted += [self._coding(c, self._sens_system) for c in sens]
-        wanted += [self._coding(c, self._obl_system) for c in obl]
-        for coding in wanted:
-            if (coding["system"], coding["code"]) not in have:
-                security.append(coding)
-                have.add((coding["system"], coding["code"]))
+        for system, code in wanted:
+            if (system, code) not in have:
+                security.append({"system": system, "code": code})
+                have.add((system, code))
         meta["security"] = security
         return obl
 

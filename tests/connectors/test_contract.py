@@ -293,6 +293,28 @@ async def test_returned_dicts_are_fresh(case: Case):
     assert await case.connector.read(case.rtype, snapshot[0]["id"], timeout=5) == snapshot[0]
 
 
+def _containers(value: object, into: dict[int, object]) -> dict[int, object]:
+    """Every dict and list inside ``value`` by id (the objects are kept, so no id is reused meanwhile)."""
+    if isinstance(value, (dict, list)):
+        into[id(value)] = value
+        for child in value.values() if isinstance(value, dict) else value:
+            _containers(child, into)
+    return into
+
+
+async def test_fresh_results_share_nothing(case: Case):
+    """A connector claiming ``fresh_results`` has its items redacted and labelled in place by the
+    pipeline (no copy first), so no dict or list it returns may be shared with another call's."""
+    claims = getattr(case.connector, "fresh_results", False) is True
+    assert claims == (case.kind == "fhir")  # who claims it; a new claimant belongs in this table
+    first, second = await search(case), await search(case)
+    read = await case.connector.read(case.rtype, first[0]["id"], timeout=5)
+    a, b, c = _containers(first, {}), _containers(second, {}), _containers(read, {})
+    if claims:
+        assert not (a.keys() & b.keys()) and not (a.keys() & c.keys()) and not (b.keys() & c.keys())
+    assert first == second and read == first[0]
+
+
 async def test_a_hanging_source_times_out_on_time(case: Case):
     hung = await case.hanging()
     case.made.append(hung)

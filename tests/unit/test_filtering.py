@@ -74,3 +74,44 @@ def test_labels_take_the_strictest_confidentiality_and_keep_upstream_labels():
     assert len(codes) == len(set(codes))
     # a category with no label spec gets the strictest labels
     assert labeller.summarize(["unknown-category"])[0] == "V"
+
+
+def test_fresh_items_are_released_as_they_are_and_still_redacted():
+    """``fresh`` (the connector's items are the caller's alone): no copy, the same objects are
+    released, labelled elements still removed from them; without it the source's items stay untouched."""
+    from broker.pipeline.redaction import CATEGORY_SYSTEM, INLINE_LABEL_URL
+
+    def labelled():
+        return {**obs("l"), "note": [{"text": "kept"}, {"text": "withheld", "extension": [
+            {"url": INLINE_LABEL_URL, "valueCoding": {"system": CATEGORY_SYSTEM, "code": "substance-use"}}]}]}
+
+    plain, marked = obs("a"), labelled()
+    out = filter_resources([(plain, "p1", GH), (marked, "p1", GH)], classify=classify, allowed=GH,
+                           known=GH | {"substance-use"}, fresh=True)
+    assert out.released[0][0] is plain and out.released[1][0] is marked
+    assert marked["note"] == [{"text": "kept"}] and out.redactions and "substance-use" in out.withheld_categories
+
+    source = labelled()
+    kept = copy.deepcopy(source)
+    out = filter_resources([(source, "p1", GH)], classify=classify, allowed=GH, known=GH | {"substance-use"})
+    assert source == kept and out.released[0][0] is not source and out.released[0][0]["note"] == [{"text": "kept"}]
+
+
+def test_labels_are_remembered_per_category_set_but_no_item_shares_them():
+    labeller = Labeller(spec={"general-health": CategoryLabels("R", (), ("NORDSCLCD",)),
+                              "hiv": CategoryLabels("V", ("HIV",), ("NORDSCLCD",))},
+                        confidentiality_system="conf", sensitivity_system="act", obligation_system="act",
+                        local_system="local", obligation_text={})
+    a, b, c = {}, {}, {}
+    assert labeller.label(a, frozenset({"general-health"})) == ("NORDSCLCD",)
+    assert labeller.label(b, frozenset({"general-health"})) == ("NORDSCLCD",)
+    assert labeller.label(c, {"general-health", "hiv"}) == ("NORDSCLCD",)  # any iterable of categories
+    assert a["meta"]["security"] == b["meta"]["security"] == [{"system": "conf", "code": "R"},
+                                                              {"system": "act", "code": "NORDSCLCD"}]
+    assert ("conf", "V") in {(s["system"], s["code"]) for s in c["meta"]["security"]}
+    a["meta"]["security"][0]["code"] = "changed-on-one-item"
+    assert b["meta"]["security"][0]["code"] == "R"
+    assert labeller.label({}, frozenset({"general-health"})) == ("NORDSCLCD",)
+    again = {}
+    labeller.label(again, frozenset({"general-health"}))
+    assert again["meta"]["security"][0] == {"system": "conf", "code": "R"}
