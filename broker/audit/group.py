@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, update
+from sqlalchemy import Connection, Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.audit.canonical import chain_hash, dump_plain, reduce
@@ -313,7 +313,7 @@ class GroupCommitAuditSink:
                     if conn.dialect.name == "postgresql":
                         _copy_rows(conn, plan.rows)
                     else:
-                        conn.execute(_INSERT, plan.rows)
+                        _insert_rows(conn, plan.rows)
         except Exception as exc:
             self._drop_connection(broken=True)  # whatever state it is in, the next batch starts on a fresh one
             error = AuditWriteError(f"audit append failed: {type(exc).__name__}")
@@ -370,8 +370,6 @@ CONNECTION_RECHECK_S = 1.0
 """A writer connection idle longer than this is returned to the pool and the next batch checks one out anew."""
 
 _HEAD = AuditHead.__table__
-_INSERT = insert(AuditEventRow.__table__)
-"""Built once, so SQLAlchemy computes its cache key once (SQLite; PostgreSQL uses COPY)."""
 _CAS_SQL = {dialect: f"UPDATE {_HEAD.name} SET seq = {p}, hash = {p} WHERE id = {p} AND seq = {p} AND hash = {p}"
             for dialect, p in (("postgresql", "%s"), ("sqlite", "?"))}
 
@@ -399,6 +397,32 @@ def _move_head(conn: Connection, known: tuple[int, str], plan: _Plan) -> bool:
 
 
 _COPY_COLUMNS = tuple(c.name for c in AuditEventRow.__table__.columns)
+
+
+_INSERT_SQL = (f"INSERT INTO {AuditEventRow.__tablename__} ({', '.join(_COPY_COLUMNS)}) "
+               f"VALUES ({', '.join('?' for _ in _COPY_COLUMNS)})")
+_BINDERS: dict[str, tuple[Any, ...]] = {}
+
+
+def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """SQLite: insert the batch on the driver's cursor, inside the open transaction.
+
+    Each value goes through the bind processor SQLAlchemy would apply to its column (the event
+    time becomes SQLite's DATETIME text), so the rows are those a Core INSERT writes; building and
+    executing that INSERT through SQLAlchemy cost more than the statement itself.
+    """
+    binders = _BINDERS.get(conn.dialect.name)
+    if binders is None:
+        binders = tuple(c.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+                        for c in AuditEventRow.__table__.columns)
+        _BINDERS[conn.dialect.name] = binders
+    params = [tuple(value if bind is None else bind(value)
+                    for bind, value in zip(binders, (row[c] for c in _COPY_COLUMNS))) for row in rows]
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.executemany(_INSERT_SQL, params)
+    finally:
+        cursor.close()
 
 
 def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
