@@ -39,6 +39,29 @@ def _count(sessions) -> int:
         return session.scalar(select(func.count()).select_from(AuditEventRow))
 
 
+class _HeadHold:
+    """A thread holding the chain head's lock (SQLite: BEGIN IMMEDIATE takes the write lock;
+    PostgreSQL: the head row lock) from ``start`` until ``release``."""
+
+    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
+        self.engine, self.holding, self._release = engine, threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._hold)
+
+    def _hold(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(select(AuditHead.seq).with_for_update())
+            self.holding.set()
+            self._release.wait(30)
+
+    def start(self) -> _HeadHold:
+        self.thread.start()
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+        self.thread.join(30)
+
+
 def _run_together(sink: GroupCommitAuditSink, events: list[dict], *, engine=None) -> list:
     """Append every event from its own thread; each result is an outcome or the raised error.
 
@@ -46,20 +69,10 @@ def _run_together(sink: GroupCommitAuditSink, events: list[dict], *, engine=None
     share batches however slowly the threads start (a loaded CI machine starts them one by one).
     """
     results: list = [None] * len(events)
-    release = threading.Event()
-    holding = threading.Event()
-
-    def hold_head() -> None:
-        with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE takes the write lock
-            conn.execute(select(AuditHead.seq).with_for_update())  # PostgreSQL: the head row lock
-            holding.set()
-            release.wait(30)
-
     holder = None
     if engine is not None:
-        holder = threading.Thread(target=hold_head)
-        holder.start()
-        assert holding.wait(30)
+        holder = _HeadHold(engine).start()
+        assert holder.holding.wait(30)
 
     def one(i: int) -> None:
         try:
@@ -74,8 +87,7 @@ def _run_together(sink: GroupCommitAuditSink, events: list[dict], *, engine=None
         deadline = time.monotonic() + 30
         while sink._inside < len(events) and time.monotonic() < deadline:
             time.sleep(0.01)
-        release.set()
-        holder.join(30)
+        holder.release()
     for t in threads:
         t.join(60)
     return results
@@ -281,26 +293,16 @@ async def _gather_async(sink: GroupCommitAuditSink, events: list[dict], *, engin
     """
     import asyncio
 
-    release, holding = threading.Event(), threading.Event()
-
-    def hold_head() -> None:
-        with engine.begin() as conn:
-            conn.execute(select(AuditHead.seq).with_for_update())
-            holding.set()
-            release.wait(30)
-
     holder = None
     if engine is not None:
-        holder = threading.Thread(target=hold_head)
-        holder.start()
-        assert await asyncio.to_thread(holding.wait, 30)
+        holder = _HeadHold(engine).start()
+        assert await asyncio.to_thread(holder.holding.wait, 30)
     tasks = [asyncio.create_task(sink.append_async(e)) for e in events]
     if holder is not None:
         deadline = time.monotonic() + 30
         while sink._inside < len(events) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        release.set()
-        await asyncio.to_thread(holder.join, 30)
+        await asyncio.to_thread(holder.release)
     return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
 
 
@@ -347,17 +349,8 @@ async def test_a_cancelled_async_caller_is_still_audited(db):
     import asyncio
 
     sink = GroupCommitAuditSink(db.sessions)
-    release, holding = threading.Event(), threading.Event()
-
-    def hold_head() -> None:
-        with db.engine.begin() as conn:
-            conn.execute(select(AuditHead.seq).with_for_update())
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_head)
-    holder.start()
-    assert await asyncio.to_thread(holding.wait, 30)
+    holder = _HeadHold(db.engine).start()
+    assert await asyncio.to_thread(holder.holding.wait, 30)
     cancelled = asyncio.create_task(sink.append_async(make_event(1)))
     deadline = time.monotonic() + 30
     while sink._inside < 1 and time.monotonic() < deadline:
@@ -365,8 +358,7 @@ async def test_a_cancelled_async_caller_is_still_audited(db):
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    release.set()
-    await asyncio.to_thread(holder.join, 30)
+    await asyncio.to_thread(holder.release)
     after = await asyncio.wait_for(sink.append_async(make_event(2)), 60)  # the writer went on, chained after it
     sink.close()
     assert after.sequence == 2 and _count(db.sessions) == 2 and sink._inside == 0
