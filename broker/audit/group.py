@@ -6,8 +6,8 @@ and chained, or raises AuditWriteError with nothing of the event stored -- but i
 head lock and the commit (the fsync) over every event waiting at the time.
 
 Design: one writer, a daemon thread started lazily by the first ``append``. Callers validate
-their event's index columns in their own thread, put it on a queue and wait on their own
-``threading.Event``. The writer takes the queue in order, up to ``max_batch`` events, and in ONE
+their event's index columns in their own thread, put it on a queue and wait on their own latch
+(a held lock; a future on the caller's loop for ``append_async``). The writer takes the queue in order, up to ``max_batch`` events, and in ONE
 transaction: locks the head (the same ``_lock_head`` as ``SqlAuditSink``: FOR UPDATE on
 PostgreSQL, BEGIN IMMEDIATE on SQLite, so other sinks and other processes still serialize with
 it), gives the events consecutive sequences and chain hashes in queue order, inserts every row,
