@@ -39,10 +39,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 GC_THRESHOLDS = (20_000, 50, 100)
 """CPython's cyclic collector while serving (its defaults: 700, 10, 10). A request parses, copies
-and serializes hundreds of JSON containers, which reference counting frees; none forms a cycle.
-With the defaults the collector ran every 700 allocations -- about once per request -- and each
-full collection walked every object start-up had built (~160,000, ~100 ms a time); under 32
-concurrent requests that was ~13% of the broker's CPU and most of its p99 (bench/RESULTS.md)."""
+and serializes hundreds of JSON containers, which reference counting frees (parsed JSON forms no
+cycles; what does is still collected, only less often). With the defaults the collector ran every
+700 allocations -- about once per request -- and each full collection walked every object
+start-up had built (~160,000, ~100 ms a time); under 32 concurrent requests that was ~13% of the
+broker's CPU and a third of its p99 (bench/RESULTS.md)."""
 
 
 def tune_gc_for_serving() -> None:
