@@ -207,7 +207,8 @@ def build_world(tmp: Path, database_url: str, jwks_url: str) -> World:
         external_audience=IDP_AUDIENCE,
     )
     upgrade(database_url)
-    sessions = make_sessionmaker(make_engine(database_url))
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
     broker_key = load_signing_key(settings.signing_key_file)
     keys = {"cw-cms": make_key("EC"), "mh-ehr": make_key("RSA"), "cw-retired": make_key("EC")}
     seed(sessions, keys)
@@ -215,7 +216,7 @@ def build_world(tmp: Path, database_url: str, jwks_url: str) -> World:
     verifier = TokenVerifier(settings, broker_key)
     app = FastAPI()
     app.include_router(router)
-    app.state.runtime = SimpleNamespace(settings=settings, sessions=sessions, issuer=issuer,
+    app.state.runtime = SimpleNamespace(settings=settings, engine=engine, sessions=sessions, issuer=issuer,
                                         signing_key=broker_key, verifier=verifier,
                                         audit=SqlAuditSink(sessions), policy=SimpleNamespace(version="auth-tests"),
                                         vocabulary=SHIPPED_VOCABULARY)
