@@ -80,7 +80,7 @@ async def capability_statement(runtime: RuntimeDep) -> Response:
             openapi_extra={"parameters": [PURPOSE_PARAMETER, *SEARCH_PARAMETERS]})
 async def fhir_search(request: Request, mdt_id: MdtId, resource_type: ResourceType) -> Response:
     """Search one resource type across the youth's sources; only what policy releases, labelled."""
-    return await _pipeline(request).fhir_search(request, mdt_id=mdt_id, resource_type=resource_type)
+    return await get_pipeline(request).fhir_search(request, mdt_id=mdt_id, resource_type=resource_type)
 
 
 @router.get("/mdts/{mdt_id}/fhir/{resource_type}/{resource_id}",
@@ -89,8 +89,8 @@ async def fhir_search(request: Request, mdt_id: MdtId, resource_type: ResourceTy
 async def fhir_read(request: Request, mdt_id: MdtId, resource_type: ResourceType,
                     resource_id: Annotated[str, Path(max_length=64)]) -> Response:
     """Read one resource; a withheld resource and a missing one get the same 404."""
-    return await _pipeline(request).fhir_read(request, mdt_id=mdt_id, resource_type=resource_type,
-                                              resource_id=resource_id)
+    return await get_pipeline(request).fhir_read(request, mdt_id=mdt_id, resource_type=resource_type,
+                                                 resource_id=resource_id)
 
 
 @router.get("/mdts/{mdt_id}/record", responses=_ok("A collection Bundle", None, **_bundle("collection")),
@@ -102,9 +102,4 @@ async def record(request: Request, mdt_id: MdtId) -> Response:
     is an OperationOutcome with one issue per configured source (ok / unavailable / timeout).
     Sources are asked in parallel, each under its own timeout and circuit breaker.
     """
-    return await _pipeline(request).record(request, mdt_id=mdt_id)
-
-
-def _pipeline(request: Request):  # type: ignore[no-untyped-def]
-    """The app's pipeline (what ``PipelineDep`` gives other routes, without a dependency to resolve)."""
-    return get_pipeline(request)
+    return await get_pipeline(request).record(request, mdt_id=mdt_id)

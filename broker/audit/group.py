@@ -7,11 +7,12 @@ head lock and the commit (the fsync) over every event waiting at the time.
 
 Design: one writer, a daemon thread started lazily by the first ``append``. Callers validate
 their event's index columns in their own thread, put it on a queue and wait on their own latch
-(a held lock; a future on the caller's loop for ``append_async``). The writer takes the queue in order, up to ``max_batch`` events, and in ONE
-transaction: locks the head (the same ``_lock_head`` as ``SqlAuditSink``: FOR UPDATE on
-PostgreSQL, BEGIN IMMEDIATE on SQLite, so other sinks and other processes still serialize with
-it), gives the events consecutive sequences and chain hashes in queue order, inserts every row,
-moves the head once, commits once, and only then wakes every waiter with its outcome. The rows
+(a held lock; a future on the caller's loop for ``append_async``). The writer takes the queue in
+order, up to ``max_batch`` events, and in ONE transaction: locks the head (the same
+``_lock_head`` as ``SqlAuditSink``: FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite, so
+other sinks and other processes still serialize with it), gives the events consecutive sequences
+and chain hashes in queue order, inserts every row, moves the head once, commits once, and only
+then wakes every waiter with its outcome. The rows
 and hashes are byte-for-byte those ``SqlAuditSink`` would have written for the same order.
 
 Failure: if anything in the transaction fails, it is rolled back whole and every waiter of that
@@ -76,9 +77,8 @@ class _Pending:
     """Set (by the writer only) once outcome or error is final."""
     _latch: Any = None
     """A thread caller's: held until finish(), the caller blocks acquiring it (cheaper than a threading.Event)."""
-    _loop: asyncio.AbstractEventLoop | None = None
     _future: asyncio.Future[None] | None = None
-    """A coroutine caller's: resolved on its loop by finish()."""
+    """A coroutine caller's: resolved on its own loop by finish()."""
 
     @classmethod
     def for_thread(cls, record: dict[str, Any], stdlib: bool, columns: dict[str, Any]) -> _Pending:
@@ -86,8 +86,7 @@ class _Pending:
 
     @classmethod
     def for_loop(cls, record: dict[str, Any], stdlib: bool, columns: dict[str, Any]) -> _Pending:
-        loop = asyncio.get_running_loop()
-        return cls(record, stdlib, columns, _loop=loop, _future=loop.create_future())
+        return cls(record, stdlib, columns, _future=asyncio.get_running_loop().create_future())
 
     def wait(self) -> None:
         self._latch.acquire()
@@ -101,7 +100,7 @@ class _Pending:
             self._latch.release()
             return
         try:
-            self._loop.call_soon_threadsafe(_resolve, self._future)
+            self._future.get_loop().call_soon_threadsafe(_resolve, self._future)
         except RuntimeError:  # the caller's loop is closed: nobody is left to wake
             pass
 
