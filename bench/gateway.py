@@ -16,13 +16,20 @@ Everything runs on loopback, side by side, in one run:
                    group-commit audit sink with its normal settings, the shipped policy), its youth
                    y-alpha linked to the invented patient; a real access token for ``mh`` (mental
                    health clinician, statutory member of mdt-alpha) with purpose TREAT:
-                   ``GET /mdts/mdt-alpha/fhir/Observation?_count=N``.
+                   ``GET /mdts/mdt-alpha/fhir/Observation?_count=N``;
+(d) audited     -- bench/passthrough.py again, in a third process, with ``--audit-db``: the passthrough
+                   that also parses and re-serializes each answer and durably commits one audit event
+                   per request through the broker's own group-commit sink, on its own SQLite file
+                   (WAL, ``synchronous=FULL``). The event is the one the broker wrote for its first
+                   search here (~5 KB), each time with a fresh request id and time. This is the floor
+                   under the broker: what looking at every resource and auditing every request cost on
+                   this machine before any authentication, policy, classification or labelling.
 
 The cache: medplum's MemoryRepository evaluates the ``patient`` search parameter's FHIRPath on
 every stored resource, ~180 ms per search here, which would make every target measure medplum.
-By default (``--upstream cached``) all three targets therefore reach the test server through
+By default (``--upstream cached``) every target therefore reaches the test server through
 bench/fhir_cache.mjs, a Node process that answers each GET with the bytes the test server gave
-for the same path and query the first time. ``--upstream medplum`` points all three at the test
+for the same path and query the first time. ``--upstream medplum`` points them all at the test
 server itself; ``--medplum-seconds`` (default 3) also times the uncached test server directly at
 one connection for N=20, for reference.
 
@@ -31,8 +38,10 @@ then ``wrk`` (``-t1 -c1`` or ``-t2 -c32``, ``--latency``) for ``--warmup`` s, di
 ``--duration`` s, measured. Printed: req/s, p50 and p99 for each, and the CPU time (user +
 system, from /proc) the serving process spent per answered request -- the figure least
 disturbed by other work on a shared machine; broker / passthrough throughput and broker -
-passthrough p50, next to issue 7's targets. Afterwards the broker is
-stopped, the audit events it wrote are counted and the chain is verified. Then in-process
+passthrough p50, next to issue 7's targets; audited / passthrough and broker / audited, which split
+the broker's cost into what durable auditing takes and what the rest takes. Afterwards the broker is
+stopped, the audit events it wrote are counted and the chain is verified (the audited
+passthrough's chain too). Then in-process
 policy decisions per second (bench/policy_decisions.py). ``os.getloadavg()`` is printed at the
 start, after every run and at the end: the machine may be shared.
 
@@ -73,7 +82,7 @@ from tests.support.ports import free_port  # noqa: E402
 DATA = ROOT / "bench" / "data"
 SEED = DATA / "weights-100.json"
 MDT, YOUTH_ID, PERSONA, PURPOSE = "mdt-alpha", "y-alpha", "mh", "TREAT"
-TARGETS = ("direct", "passthrough", "broker")
+TARGETS = ("direct", "passthrough", "audited", "broker")
 THREADS = {1: 1}  # wrk threads per connection count; anything else gets 2 (this is a 2-core machine)
 RATIO_TARGET, ADDED_P50_TARGET_MS = 0.5, 1.5
 WRK_LUA = """
@@ -253,7 +262,7 @@ def print_table(results: dict[tuple[str, int, int], Stats], sizes: list[int], co
     print("|---|---|---|---|---|---|---|---|")
     for conns in conns_list:
         for n in sizes:
-            d, p, b = (results[(t, conns, n)] for t in TARGETS)
+            d, p, _a, b = (results[(t, conns, n)] for t in TARGETS)
             ratio, added = b.rps / p.rps, b.p50_ms - p.p50_ms
             target = ""
             if conns == 32 and n == 20:
@@ -261,9 +270,25 @@ def print_table(results: dict[tuple[str, int, int], Stats], sizes: list[int], co
             elif conns == 1 and n == 20:
                 met = "met" if added <= ADDED_P50_TARGET_MS else "NOT MET"
                 target = f"added p50 ≤ {ADDED_P50_TARGET_MS} ms: {met}"
-            cpu = f"{b.cpu_ms - p.cpu_ms:+.2f}" if b.cpu_ms is not None and p.cpu_ms is not None else "-"
+            cpu = _cpu_diff(b, p)
             print(f"| {conns} | {n} | {p.rps / d.rps:.2f} | {ratio:.2f} | {added:+.2f} | "
                   f"{b.p99_ms - p.p99_ms:+.2f} | {cpu} | {target} |")
+    print()
+    print("The floor: the audited passthrough (parse, re-serialize, one durable audit commit; nothing else)")
+    print()
+    print("| conns | N | audited ÷ passthrough (req/s) | audited − passthrough p50 (ms) | "
+          "audited − passthrough CPU (ms/req) | broker ÷ audited (req/s) | broker − audited p50 (ms) | "
+          "broker − audited CPU (ms/req) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for conns in conns_list:
+        for n in sizes:
+            _d, p, a, b = (results[(t, conns, n)] for t in TARGETS)
+            print(f"| {conns} | {n} | {a.rps / p.rps:.2f} | {a.p50_ms - p.p50_ms:+.2f} | {_cpu_diff(a, p)} | "
+                  f"{b.rps / a.rps:.2f} | {b.p50_ms - a.p50_ms:+.2f} | {_cpu_diff(b, a)} |")
+
+
+def _cpu_diff(x: Stats, y: Stats) -> str:
+    return f"{x.cpu_ms - y.cpu_ms:+.2f}" if x.cpu_ms is not None and y.cpu_ms is not None else "-"
 
 
 async def prepare_broker(tmp: Path, fhir_base: str, pid: str):  # type: ignore[no-untyped-def]
@@ -295,6 +320,20 @@ def audit_summary(database_url: str) -> tuple[dict[tuple[str, int], int], object
     report = verify_chain(sessions, batch=5000)
     engine.dispose()
     return {(a, o): c for a, o, c in rows}, report
+
+
+def broker_search_event(database_url: str, path: Path) -> None:
+    """Write the body of the broker's latest audited search to ``path`` (the audited passthrough commits it)."""
+    from broker.store.db import make_engine
+    from broker.store.models import AuditEventRow
+
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        body = conn.execute(select(AuditEventRow.body).where(AuditEventRow.action == "fhir.search",
+                                                             AuditEventRow.outcome == 200)
+                            .order_by(AuditEventRow.seq.desc()).limit(1)).scalar_one()
+    engine.dispose()
+    path.write_text(body, encoding="utf-8")
 
 
 def main() -> int:
@@ -349,17 +388,31 @@ def main() -> int:
         b_base, p_base = f"http://127.0.0.1:{b_port}", f"http://127.0.0.1:{p_port}"
         wait_http(f"{b_base}/healthz", broker_proc, tmp / "broker.log")
         wait_http(f"{p_base}/healthz", procs[-1], tmp / "passthrough.log")
+        # The audited passthrough commits the event the broker writes for the same search.
+        check(f"{b_base}/mdts/{MDT}/fhir/Observation?_count={sizes[0]}",
+              {"Authorization": f"Bearer {fresh_token(broker, b_base)}", "X-Purpose-Of-Use": PURPOSE}, sizes[0])
+        broker_answers, tokens = 1, 1
+        broker_search_event(settings.database_url, tmp / "audit-event.json")
+        a_port, audited_db = free_port(), f"sqlite:///{tmp / 'audited.sqlite'}"
+        audited_proc = spawn([sys.executable, str(ROOT / "bench" / "passthrough.py"), "--upstream", upstream,
+                              "--port", str(a_port), "--audit-db", audited_db,
+                              "--audit-event", str(tmp / "audit-event.json")], tmp / "audited.log")
+        procs.append(audited_proc)
+        pids["audited"] = audited_proc.pid
+        a_base = f"http://127.0.0.1:{a_port}"
+        wait_http(f"{a_base}/healthz", audited_proc, tmp / "audited.log")
 
         def url(target: str, n: int) -> str:
             if target == "broker":
                 return f"{b_base}/mdts/{MDT}/fhir/Observation?_count={n}"
-            base = upstream if target == "direct" else f"{p_base}/fhir"
+            base = {"direct": upstream, "passthrough": f"{p_base}/fhir", "audited": f"{a_base}/fhir"}[target]
             return f"{base}/Observation?patient=Patient/{pid}&_count={n}"
 
-        print(f"broker: {b_base} (pid {broker_proc.pid}); passthrough: {p_base} (pid {procs[-1].pid}); "
-              f"FHIR test server: {fhir.base_url} (pid {fhir.process.pid}); upstream of all three: {upstream}; "
+        print(f"broker: {b_base} (pid {broker_proc.pid}); passthrough: {p_base} (pid {pids['passthrough']}); "
+              f"audited passthrough: {a_base} (pid {pids['audited']}); "
+              f"FHIR test server: {fhir.base_url} (pid {fhir.process.pid}); upstream of all: {upstream}; "
               f"work dir {tmp}")
-        print(f"upstream queries: direct and passthrough ask for N; the broker asks its source for "
+        print(f"upstream queries: direct and both passthroughs ask for N; the broker asks its source for "
               f"Observation?patient=Patient/{pid}&_count=N+1 (the page and one more, for its next link)")
         print(f"runs: {args.warmup:g} s warm-up + {args.duration:g} s measured each, connections {conns_list}, "
               f"sizes {sizes}", flush=True)
@@ -390,6 +443,8 @@ def main() -> int:
         print(f"load average after the HTTP runs: {loadavg()}")
         stop(broker_proc)
         counts, report = audit_summary(settings.database_url)
+        stop(audited_proc)
+        audited_counts, audited_report = audit_summary(audited_db)
     finally:
         for proc in procs:
             stop(proc)
@@ -407,6 +462,7 @@ def main() -> int:
           f"(searches still in flight when wrk stopped are audited too, so events ≥ answers)")
     print(f"audit chain: verify_chain ok={report.ok}, {report.count:,} events checked"
           + ("" if report.ok else f", first bad seq {report.first_bad_seq}: {report.problem}"))
+    print(f"audited passthrough: {sum(audited_counts.values()):,} events, verify_chain ok={audited_report.ok}")
     if ok200 < broker_answers:
         print("WARNING: fewer audited searches than answered ones")
     errors = sum(s.errors for s in results.values())
@@ -424,7 +480,7 @@ def main() -> int:
         print(f"kept {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if report.ok and not errors and ok200 >= broker_answers else 1
+    return 0 if report.ok and audited_report.ok and not errors and ok200 >= broker_answers else 1
 
 
 if __name__ == "__main__":

@@ -13,14 +13,29 @@ The stack is the broker's, piece for piece, so the difference is the broker's ow
 - one shared ``aiohttp.ClientSession`` built like ``connectors/fhir.py`` builds its session
   (same connector limits, timeouts and Accept header), created on the serving loop; the body
   is read whole, in 64 KiB chunks, as the connector reads it.
+
+``--audit-db URL --audit-event FILE`` makes it the *audited* passthrough, bench/gateway.py's
+fourth target: what any gateway that looks at every resource and durably audits every request
+costs here before it decides anything. For each answer it also parses the upstream JSON and
+serializes it again (orjson, as the broker does), and before answering commits one audit event
+through the broker's own sink (``GroupCommitAuditSink`` with its normal settings, on a database
+``broker db upgrade`` would create: for SQLite, WAL with ``synchronous=FULL``). The event is the
+JSON object in FILE (gateway.py takes the one the broker wrote for the same search) with a fresh
+``request_id`` and ``time``. It collects garbage as ``broker serve`` does (``tune_gc_for_serving``).
+No authentication, no policy, no classification, no labels.
 """
 
 from __future__ import annotations
 
 import argparse
+import uuid
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 from yarl import URL
@@ -28,10 +43,18 @@ from yarl import URL
 _ACCEPT = {"Accept": "application/fhir+json"}
 
 
-def create_app(upstream: str) -> FastAPI:
-    """The proxy app for one upstream FHIR base URL."""
+def create_app(upstream: str, *, audit_db: str | None = None, audit_event: dict[str, Any] | None = None) -> FastAPI:
+    """The proxy app for one upstream FHIR base URL; with ``audit_db`` and ``audit_event``, the audited one."""
     base = upstream.rstrip("/")
-    state: dict[str, aiohttp.ClientSession] = {}
+    state: dict[str, Any] = {}
+    sink = None
+    if audit_db is not None:
+        from broker.audit.group import GroupCommitAuditSink
+        from broker.store.db import make_engine, make_sessionmaker
+
+        if audit_event is None:
+            raise ValueError("the audited passthrough needs an audit event to commit")
+        sink = GroupCommitAuditSink(make_sessionmaker(make_engine(audit_db)))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
@@ -45,6 +68,8 @@ def create_app(upstream: str) -> FastAPI:
             yield
         finally:
             await state["session"].close()
+            if sink is not None:
+                sink.close()
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -54,8 +79,15 @@ def create_app(upstream: str) -> FastAPI:
         url = URL(f"{base}/{resource_type}" + (f"?{query}" if query else ""), encoded=True)
         async with state["session"].get(url, headers=_ACCEPT, allow_redirects=False) as resp:
             chunks = [chunk async for chunk in resp.content.iter_chunked(65536)]
-            return Response(b"".join(chunks), status_code=resp.status,
-                            media_type=resp.headers.get("Content-Type", "application/fhir+json"))
+            status, media_type = resp.status, resp.headers.get("Content-Type", "application/fhir+json")
+        body = b"".join(chunks)
+        if sink is not None:
+            from broker.audit.sink import append_async
+
+            body = orjson.dumps(orjson.loads(body))
+            await append_async(sink, {**audit_event, "request_id": uuid.uuid4().hex,
+                                      "time": datetime.now(timezone.utc)})
+        return Response(body, status_code=status, media_type=media_type)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -69,12 +101,28 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="the FHIR base URL, e.g. http://127.0.0.1:9000/fhir/R4")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--audit-db", help="audited: commit one audit event per answer to this database URL")
+    parser.add_argument("--audit-event", type=Path, help="audited: the JSON audit event to commit")
     args = parser.parse_args()
+    if (args.audit_db is None) != (args.audit_event is None):
+        parser.error("--audit-db and --audit-event go together")
     import uvicorn
 
+    event = None
+    if args.audit_db is not None:
+        from broker.store.db import upgrade
+
+        upgrade(args.audit_db)
+        event = orjson.loads(args.audit_event.read_bytes())
+        for chained in ("sequence", "previous_hash", "hash"):  # the sink chains it afresh
+            event.pop(chained, None)
+    app = create_app(args.upstream, audit_db=args.audit_db, audit_event=event)
+    if args.audit_db is not None:
+        from broker.cli import tune_gc_for_serving
+
+        tune_gc_for_serving()
     # Exactly the keyword arguments of `broker serve` (broker/cli.py cmd_serve).
-    uvicorn.run(create_app(args.upstream), host=args.host, port=args.port, server_header=False, access_log=False,
-                log_config=None)
+    uvicorn.run(app, host=args.host, port=args.port, server_header=False, access_log=False, log_config=None)
 
 
 if __name__ == "__main__":
