@@ -246,20 +246,14 @@ def loadavg() -> str:
 def print_table(results: dict[tuple[str, int, int], Stats], sizes: list[int], conns_list: list[int],
                 body: dict[tuple[str, int], int]) -> None:
     print()
-    print("| conns | N | target | body bytes | req/s | p50 ms | p99 ms | server CPU ms/req | errors/non-2xx |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for conns in conns_list:
-        for n in sizes:
-            for target in TARGETS:
-                s = results[(target, conns, n)]
-                cpu = f"{s.cpu_ms:.2f}" if s.cpu_ms is not None else "-"
-                print(f"| {conns} | {n} | {target} | {body[(target, n)]:,} | {s.rps:,.0f} | {s.p50_ms:.2f} | "
-                      f"{s.p99_ms:.2f} | {cpu} | {s.errors} |")
+    _markdown(["conns", "N", "target", "body bytes", "req/s", "p50 ms", "p99 ms", "server CPU ms/req",
+               "errors/non-2xx"],
+              [[conns, n, target, f"{body[(target, n)]:,}", f"{s.rps:,.0f}", f"{s.p50_ms:.2f}", f"{s.p99_ms:.2f}",
+                f"{s.cpu_ms:.2f}" if s.cpu_ms is not None else "-", s.errors]
+               for conns in conns_list for n in sizes for target in TARGETS
+               for s in (results[(target, conns, n)],)])
     print()
-    print("| conns | N | passthrough ÷ direct (req/s) | broker ÷ passthrough (req/s) | "
-          "broker − passthrough p50 (ms) | broker − passthrough p99 (ms) | "
-          "broker − passthrough CPU (ms/req) | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for conns in conns_list:
         for n in sizes:
             d, p, _a, b = (results[(t, conns, n)] for t in TARGETS)
@@ -270,21 +264,30 @@ def print_table(results: dict[tuple[str, int, int], Stats], sizes: list[int], co
             elif conns == 1 and n == 20:
                 met = "met" if added <= ADDED_P50_TARGET_MS else "NOT MET"
                 target = f"added p50 ≤ {ADDED_P50_TARGET_MS} ms: {met}"
-            cpu = _cpu_diff(b, p)
-            print(f"| {conns} | {n} | {p.rps / d.rps:.2f} | {ratio:.2f} | {added:+.2f} | "
-                  f"{b.p99_ms - p.p99_ms:+.2f} | {cpu} | {target} |")
+            rows.append([conns, n, f"{p.rps / d.rps:.2f}", f"{ratio:.2f}", f"{added:+.2f}",
+                         f"{b.p99_ms - p.p99_ms:+.2f}", _cpu_diff(b, p), target])
+    _markdown(["conns", "N", "passthrough ÷ direct (req/s)", "broker ÷ passthrough (req/s)",
+               "broker − passthrough p50 (ms)", "broker − passthrough p99 (ms)", "broker − passthrough CPU (ms/req)",
+               "target"], rows)
     print()
     print("The floor: the audited passthrough (parse, re-serialize, one durable audit commit; nothing else)")
     print()
-    print("| conns | N | audited ÷ passthrough (req/s) | audited − passthrough p50 (ms) | "
-          "audited − passthrough CPU (ms/req) | broker ÷ audited (req/s) | broker − audited p50 (ms) | "
-          "broker − audited CPU (ms/req) |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for conns in conns_list:
         for n in sizes:
             _d, p, a, b = (results[(t, conns, n)] for t in TARGETS)
-            print(f"| {conns} | {n} | {a.rps / p.rps:.2f} | {a.p50_ms - p.p50_ms:+.2f} | {_cpu_diff(a, p)} | "
-                  f"{b.rps / a.rps:.2f} | {b.p50_ms - a.p50_ms:+.2f} | {_cpu_diff(b, a)} |")
+            rows.append([conns, n, f"{a.rps / p.rps:.2f}", f"{a.p50_ms - p.p50_ms:+.2f}", _cpu_diff(a, p),
+                         f"{b.rps / a.rps:.2f}", f"{b.p50_ms - a.p50_ms:+.2f}", _cpu_diff(b, a)])
+    _markdown(["conns", "N", "audited ÷ passthrough (req/s)", "audited − passthrough p50 (ms)",
+               "audited − passthrough CPU (ms/req)", "broker ÷ audited (req/s)", "broker − audited p50 (ms)",
+               "broker − audited CPU (ms/req)"], rows)
+
+
+def _markdown(header: list[str], rows: list[list[object]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
 def _cpu_diff(x: Stats, y: Stats) -> str:
