@@ -140,3 +140,36 @@ def test_the_inline_generation_connection_cannot_write(tmp_path):
     engine.dispose()
 def _query_only_write(inline) -> None:  # type: ignore[no-untyped-def]
     inline._conn.execute("CREATE TABLE nope (x)")
+
+
+def test_a_sqlite_begin_that_cannot_take_the_lock_raises_sqlalchemys_error_and_keeps_nothing_open(tmp_path):
+    """BEGIN IMMEDIATE is sent on the driver; a failure is SQLAlchemy's OperationalError, as before,
+    and the connection can begin again once the lock is free."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    holding, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_sqlite_write_lock, args=(engine, holding, release))
+    holder.start()
+    try:
+        assert holding.wait(30)
+        with engine.connect() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=0").close()
+            with pytest.raises(OperationalError, match="database is locked"):
+                conn.begin()
+            assert not conn.in_transaction()
+            release.set()
+            holder.join(30)
+            with conn.begin():
+                value = conn.exec_driver_sql("SELECT value FROM registry_generation").scalar_one()
+                conn.exec_driver_sql("UPDATE registry_generation SET value = value + 1")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT value FROM registry_generation").scalar_one() == value + 1
+    finally:
+        release.set()
+        holder.join(30)
+        engine.dispose()
