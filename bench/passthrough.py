@@ -50,6 +50,7 @@ def create_app(upstream: str, *, audit_db: str | None = None, audit_event: dict[
     sink = None
     if audit_db is not None:
         from broker.audit.group import GroupCommitAuditSink
+        from broker.audit.sink import append_async
         from broker.store.db import make_engine, make_sessionmaker
 
         if audit_event is None:
@@ -82,8 +83,6 @@ def create_app(upstream: str, *, audit_db: str | None = None, audit_event: dict[
             status, media_type = resp.status, resp.headers.get("Content-Type", "application/fhir+json")
         body = b"".join(chunks)
         if sink is not None:
-            from broker.audit.sink import append_async
-
             body = orjson.dumps(orjson.loads(body))
             await append_async(sink, {**audit_event, "request_id": uuid.uuid4().hex,
                                       "time": datetime.now(timezone.utc)})
