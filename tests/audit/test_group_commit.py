@@ -13,6 +13,7 @@ from sqlalchemy import delete, func, select, text
 from broker.audit import AuditWriteError, SqlAuditSink, verify_chain
 from broker.audit import group
 from broker.audit.group import GroupCommitAuditSink
+from broker.audit.sink import _lock_head
 from broker.store.db import make_engine, make_sessionmaker
 from broker.store.models import AuditEventRow, AuditHead
 
@@ -41,7 +42,10 @@ def _count(sessions) -> int:
 
 class _HeadHold:
     """A thread holding the chain head's lock (SQLite: BEGIN IMMEDIATE takes the write lock;
-    PostgreSQL: the head row lock) from ``start`` until ``release``."""
+    PostgreSQL: the head row lock) from ``start`` until ``release``.
+
+    It locks the head as the sinks do (``_lock_head``), which first creates the row: on a fresh
+    PostgreSQL database there is none yet, and a FOR UPDATE that matches no row holds nothing."""
 
     def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
         self.engine, self.holding, self._release = engine, threading.Event(), threading.Event()
@@ -49,7 +53,7 @@ class _HeadHold:
 
     def _hold(self) -> None:
         with self.engine.begin() as conn:
-            conn.execute(select(AuditHead.seq).with_for_update())
+            _lock_head(conn)
             self.holding.set()
             self._release.wait(30)
 
